@@ -1,0 +1,155 @@
+"""The diffusers host: runs the ESD loop on a diffusers Stable Diffusion pipeline (SD1.x, SD2.x, SDXL)."""
+
+import json
+import os
+import warnings
+from contextlib import contextmanager
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from torch.nn.utils import parametrize
+
+from .erasure_file import model_family
+from .host import ErasureHost
+from .keys import diffusers_to_ldm_names
+from .methods import layer_tensors
+from .trainable import TrainableDelta
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class _AddDelta(torch.nn.Module):
+    """Parametrization that lets one weight reach its layer as ``weight + delta`` while the delta is on."""
+
+    def __init__(self, delta: TrainableDelta, name: str):
+        super().__init__()
+        self.delta = delta
+        self.name = name
+
+    def forward(self, weight):
+        return self.delta.added_to(self.name, weight)
+
+
+class DiffusersHost(ErasureHost):
+    """One diffusers pipeline's UNet and text encoders; the VAE is not needed for erasing."""
+
+    def __init__(self, pipeline: DiffusionPipeline, device="cpu", resolution: int | None = None):
+        self.pipeline = pipeline
+        self.unet = pipeline.unet.to(device).requires_grad_(False)
+        for encoder in self._text_encoders():
+            encoder.to(device).requires_grad_(False)
+        self.device = torch.device(device)
+        self.dtype = self.unet.dtype
+        self.vae_scale_factor = pipeline.vae_scale_factor
+        latent_size = resolution // self.vae_scale_factor if resolution else self.unet.config.sample_size
+        self.latent_shape = (self.unet.config.in_channels, latent_size, latent_size)
+        config = self.unet.config
+        self.is_sdxl = config.addition_embed_type == "text_time"
+        self.family = model_family(config.cross_attention_dim, self.is_sdxl)
+        self.prediction_type = pipeline.scheduler.config.prediction_type
+        self._alphas_cumprod = _alphas_cumprod(pipeline.scheduler).to(self.device)
+        self._ldm_names = diffusers_to_ldm_names(self.unet.state_dict().keys(), dict(config))
+
+    def _text_encoders(self):
+        return [e for e in (getattr(self.pipeline, "text_encoder", None), getattr(self.pipeline, "text_encoder_2", None)) if e is not None]
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+    def layer_tensors(self) -> dict[str, torch.Tensor]:
+        return layer_tensors(self.unet)
+
+    def ldm_name(self, name: str) -> str:
+        return self._ldm_names[name]
+
+    @contextmanager
+    def attach(self, delta: TrainableDelta):
+        modules = dict(self.unet.named_modules())
+        attached = []
+        try:
+            for name in delta.deltas:
+                module_name, tensor_name = name.rsplit(".", 1)
+                parametrize.register_parametrization(modules[module_name], tensor_name, _AddDelta(delta, name))
+                attached.append((modules[module_name], tensor_name))
+            yield
+        finally:
+            for module, tensor_name in attached:
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+
+    @torch.no_grad()
+    def encode(self, text: str):
+        warn_if_truncated(text, [t for t in (getattr(self.pipeline, "tokenizer", None), getattr(self.pipeline, "tokenizer_2", None)) if t])
+        if self.is_sdxl:
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(text, device=self.device, do_classifier_free_guidance=False)
+            return embeds, pooled
+        embeds, _ = self.pipeline.encode_prompt(text, self.device, 1, False)
+        return embeds, None
+
+    def predict_eps(self, x_t: torch.Tensor, timestep: int, conds: list) -> torch.Tensor:
+        batch = len(conds)
+        sample = x_t.to(self.device, self.dtype).expand(batch, -1, -1, -1)
+        hidden = torch.cat([embeds for embeds, _ in conds]).to(self.dtype)
+        extra = {}
+        if self.is_sdxl:
+            height, width = (size * self.vae_scale_factor for size in self.latent_shape[1:])
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
+            extra["added_cond_kwargs"] = {
+                "text_embeds": torch.cat([pooled for _, pooled in conds]).to(self.dtype),
+                "time_ids": time_ids.expand(batch, -1),
+            }
+        output = self.unet(sample, timestep, encoder_hidden_states=hidden, **extra).sample.float()
+        if self.prediction_type == "v_prediction":
+            alpha = self._alphas_cumprod[timestep]
+            return alpha.sqrt() * output + (1 - alpha).sqrt() * x_t.float()
+        if self.prediction_type != "epsilon":
+            raise ValueError(f"Models predicting {self.prediction_type!r} are not supported; use an epsilon or v-prediction model.")
+        return output
+
+
+def _alphas_cumprod(scheduler) -> torch.Tensor:
+    """The training noise schedule, from whichever scheduler the pipeline ships."""
+    if hasattr(scheduler, "alphas_cumprod"):
+        return scheduler.alphas_cumprod.float()
+    raise ValueError(f"The pipeline's scheduler {type(scheduler).__name__} has no alphas_cumprod; use a DDPM-family scheduler config.")
+
+
+def warn_if_truncated(text: str, tokenizers) -> None:
+    """Warn, naming the words that will be ignored, when a prompt is longer than the text encoder reads."""
+    for tokenizer in tokenizers:
+        ids = tokenizer(text, truncation=False, add_special_tokens=True).input_ids
+        limit = tokenizer.model_max_length
+        if len(ids) > limit:
+            cut = tokenizer.decode(ids[limit - 1 : -1])
+            warnings.warn(f"The concept {text!r} is longer than the text encoder's {limit} tokens; this part is ignored: {cut!r}. Shorten it.")
+            return
+
+
+def load_pipeline(path: str, config: str | None = None, dtype: torch.dtype = torch.float32, with_vae: bool = True) -> DiffusionPipeline:
+    """Load a diffusers model folder, or a single-file checkpoint (``config``: a diffusers folder of its family).
+
+    Erasing never decodes images, so ``with_vae=False`` lets a checkpoint without VAE weights load.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No model at {path!r}. Give a diffusers model folder or a .safetensors/.ckpt checkpoint.")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ValueError(f"{path!r} is a folder without model_index.json, so not a diffusers pipeline folder.")
+        kwargs = {"safety_checker": None, "requires_safety_checker": False} if _pipeline_class(path) is StableDiffusionPipeline else {}
+        return DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+    if not path.lower().endswith(SINGLE_FILE_SUFFIXES):
+        raise ValueError(f"{path!r} is neither a diffusers folder nor a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}).")
+    pipeline_class = _pipeline_class(config) if config else StableDiffusionPipeline
+    kwargs = {} if with_vae else {"vae": None}
+    try:
+        return pipeline_class.from_single_file(path, config=config, dtype=dtype, local_files_only=True, **kwargs)
+    except Exception as error:
+        hint = "" if config else " Single-file loading needs the model's config offline: add --config with a diffusers folder of the same family."
+        raise ValueError(f"Could not load the checkpoint {path!r}: {error}.{hint}") from error
+
+
+def _pipeline_class(folder: str):
+    """SD or SDXL pipeline class, as named in a diffusers folder's model_index.json."""
+    with open(os.path.join(folder, "model_index.json")) as handle:
+        name = json.load(handle).get("_class_name", "")
+    return StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline

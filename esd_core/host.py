@@ -1,0 +1,42 @@
+"""The small interface between the ESD loop and whatever runs the UNet (diffusers, ComfyUI)."""
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from .trainable import TrainableDelta
+
+
+class ErasureHost(ABC):
+    """Runs one UNet for the ESD loop. Predictions are always epsilon, whatever the model predicts natively."""
+
+    device: torch.device
+    latent_shape: tuple[int, int, int]  # (channels, height, width) of one latent
+    family: str  # "sd1", "sd2", "sdxl" or "custom(...)": what a delta may be applied to
+
+    @abstractmethod
+    def layer_tensors(self) -> dict[str, torch.Tensor]:
+        """Weights and biases of every Linear/Conv layer of the UNet, by the host's state-dict names."""
+
+    @abstractmethod
+    def ldm_name(self, name: str) -> str:
+        """The ldm (ComfyUI) state-dict name, without ``diffusion_model.``, of a name from ``layer_tensors``."""
+
+    @abstractmethod
+    def attach(self, delta: TrainableDelta) -> AbstractContextManager:
+        """Make the UNet see ``delta`` (while it is switched on) for the duration of a block."""
+
+    @abstractmethod
+    def encode(self, text: str) -> Any:
+        """Encode one prompt into the conditioning ``predict_eps`` takes (warn if the text was cut)."""
+
+    @abstractmethod
+    def predict_eps(self, x_t: torch.Tensor, timestep: int, conds: list) -> torch.Tensor:
+        """Epsilon for one latent ``x_t`` (1, C, H, W) at a 1000-step ``timestep`` under each cond: (len(conds), C, H, W), fp32."""
+
+    @property
+    @abstractmethod
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The model's training noise schedule: cumulative alpha products for the 1000 timesteps."""

@@ -1,0 +1,91 @@
+"""UNet state-dict names: diffusers <-> ldm (the names ComfyUI and CompVis checkpoints use).
+
+The mapping is settled by diffusers' own converter. A short structural rule proposes an ldm name for each
+diffusers name; diffusers' ``convert_ldm_unet_checkpoint`` then renames the proposals back, and only a
+proposal that it maps onto exactly the diffusers name it came from is accepted.
+"""
+
+import re
+from functools import lru_cache
+
+from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, LDM_UNET_KEY, convert_ldm_unet_checkpoint
+
+# Inverse of the resnet renames in diffusers' ldm -> diffusers converter (update_unet_resnet_ldm_to_diffusers).
+_RESNET_LAYER_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_TOP_LEVEL = {
+    diffusers: ldm
+    for group in ("layers", "class_embed_type", "addition_embed_type")
+    for diffusers, ldm in DIFFUSERS_TO_LDM_MAPPING["unet"][group].items()
+}
+_BLOCK = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
+_MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
+
+
+def _resnet_tail(tail: str) -> str:
+    layer, rest = tail.split(".", 1)
+    return f"{_RESNET_LAYER_TO_LDM.get(layer, layer)}.{rest}"
+
+
+def _propose_ldm_name(name: str, layers_per_block: int, names: frozenset) -> str:
+    if name in _TOP_LEVEL:
+        return _TOP_LEVEL[name]
+    if match := _MID.fullmatch(name):
+        kind, index, tail = match.group(1), int(match.group(2)), match.group(3)
+        return f"middle_block.{2 * index}.{_resnet_tail(tail)}" if kind == "resnets" else f"middle_block.1.{tail}"
+    match = _BLOCK.fullmatch(name)
+    if not match:
+        return name
+    direction, block, kind, index, tail = match.group(1), int(match.group(2)), match.group(3), int(match.group(4)), match.group(5)
+    if direction == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{block * (layers_per_block + 1) + layers_per_block + 1}.0.op.{tail.split('.', 1)[1]}"
+        position = f"input_blocks.{block * (layers_per_block + 1) + index + 1}"
+    else:
+        if kind == "upsamplers":
+            last = layers_per_block
+            has_attention = any(n.startswith(f"up_blocks.{block}.attentions.{last}.") for n in names)
+            return f"output_blocks.{block * (layers_per_block + 1) + last}.{2 if has_attention else 1}.{tail}"
+        position = f"output_blocks.{block * (layers_per_block + 1) + index}"
+    return f"{position}.0.{_resnet_tail(tail)}" if kind == "resnets" else f"{position}.1.{tail}"
+
+
+def diffusers_to_ldm_names(names, unet_config: dict) -> dict[str, str]:
+    """Map diffusers UNet state-dict names to ldm names (no ``diffusion_model.`` prefix), checked by diffusers' converter."""
+    return dict(_cached_mapping(frozenset(names), _config_key(unet_config)))
+
+
+def _config_key(unet_config: dict) -> tuple:
+    return (
+        unet_config["layers_per_block"],
+        unet_config.get("class_embed_type"),
+        unet_config.get("addition_embed_type"),
+    )
+
+
+@lru_cache(maxsize=8)
+def _cached_mapping(names: frozenset, config_key: tuple) -> tuple:
+    layers_per_block, class_embed_type, addition_embed_type = config_key
+    if not isinstance(layers_per_block, int):
+        raise ValueError(f"UNets with a per-block layers_per_block {layers_per_block!r} are not supported.")
+    proposals = {name: _propose_ldm_name(name, layers_per_block, names) for name in names}
+    config = {
+        "layers_per_block": layers_per_block,
+        "class_embed_type": class_embed_type,
+        "addition_embed_type": addition_embed_type,
+    }
+    # Values are the diffusers names themselves, so the converter's output says where each proposal landed.
+    converted = convert_ldm_unet_checkpoint({LDM_UNET_KEY + ldm: name for name, ldm in proposals.items()}, config)
+    wrong = sorted(name for name in names if converted.get(name) != name)
+    if wrong:
+        raise ValueError(
+            f"Cannot map {len(wrong)} UNet tensor names to ldm names (first: {wrong[0]!r}); "
+            "this UNet layout is not one diffusers' ldm converter knows."
+        )
+    return tuple(proposals.items())

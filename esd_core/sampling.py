@@ -1,0 +1,55 @@
+"""Producing x_t the way ESD does: a partial DDIM trajectory from noise, with classifier-free guidance."""
+
+import torch
+from diffusers import DDIMScheduler
+
+from .host import ErasureHost
+
+
+def ddim_scheduler(alphas_cumprod: torch.Tensor, sample_steps: int) -> DDIMScheduler:
+    """A DDIM scheduler on the host's own noise schedule, with SD's step placement (981, 961, ..., 1 for 50 steps)."""
+    alphas_cumprod = alphas_cumprod.double().cpu()
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    betas = 1.0 - alphas_cumprod / previous
+    scheduler = DDIMScheduler(
+        num_train_timesteps=len(alphas_cumprod),
+        trained_betas=betas.numpy(),
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    scheduler.set_timesteps(sample_steps)
+    return scheduler
+
+
+def guided_eps(host: ErasureHost, x: torch.Tensor, timestep: int, cond, uncond, guidance: float) -> torch.Tensor:
+    """Classifier-free guided epsilon, with the unconditional and conditional passes in one batch."""
+    eps_uncond, eps_cond = host.predict_eps(x, timestep, [uncond, cond]).chunk(2)
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def sample_xt(
+    host: ErasureHost,
+    scheduler: DDIMScheduler,
+    steps_done: int,
+    cond,
+    uncond,
+    guidance: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, int]:
+    """Run ``steps_done`` guided DDIM steps from Gaussian noise; return the latent and its 1000-step timestep.
+
+    What "right" means: the noise starts at ``scheduler.timesteps[0]`` and each DDIM step moves the latent
+    from ``timesteps[i]`` to ``timesteps[i + 1]``. After ``steps_done`` steps the latent therefore carries the
+    noise level of ``timesteps[steps_done]``, and that is the timestep the loss must be computed at. (The
+    reference code maps the step index to the 1000-step schedule one step late.)
+    """
+    noise = torch.randn((1, *host.latent_shape), generator=generator, dtype=torch.float32)
+    x = noise.to(host.device) * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps[:steps_done]:
+        eps = guided_eps(host, x, int(timestep), cond, uncond, guidance)
+        x = scheduler.step(eps, timestep, x).prev_sample
+    return x, int(scheduler.timesteps[steps_done])

@@ -1,0 +1,129 @@
+"""The ESD engine on tiny random-weight SD1/SD2/SDXL pipelines: the math, the delta, the invariants."""
+
+import pytest
+import torch
+
+from esd_core.apply import applied_delta
+from esd_core.config import EraseConfig
+from esd_core.diffusers_host import DiffusersHost, load_pipeline
+from esd_core.erasure_file import ErasureDelta
+from esd_core.esd import erase, train_erasure
+
+
+def host_for(folder, dtype=torch.float32):
+    return DiffusersHost(load_pipeline(folder, dtype=dtype))
+
+
+def quick_config(**overrides):
+    settings = dict(concept="red", method="esd-x", iterations=2, lr=1e-3, sample_steps=4, seed=3)
+    settings.update(overrides)
+    return EraseConfig(**settings)
+
+
+def unet_eps(pipeline, x_t, timestep, text):
+    """Epsilon straight from the diffusers UNet, independently of the host (SD1 only: epsilon prediction)."""
+    embeds, _ = pipeline.encode_prompt(text, "cpu", 1, False)
+    with torch.no_grad():
+        return pipeline.unet(x_t, timestep, encoder_hidden_states=embeds).sample
+
+
+class RecordingHost(DiffusersHost):
+    """Remembers the arguments of the last prediction (the trainable one, at the end of an iteration)."""
+
+    def predict_eps(self, x_t, timestep, conds):
+        self.last_call = (x_t.detach().clone(), timestep)
+        return super().predict_eps(x_t, timestep, conds)
+
+
+@pytest.mark.parametrize("erase_from", ["", "blue"])
+def test_loss_target_matches_the_paper(tiny_folders, erase_from):
+    """At iteration 0 the delta is zero, so the trainable prediction is ef and the loss is |ef - target|^2.
+
+    With target = ef - eta*(ec - e0) that is eta^2 * mean((ec - e0)^2); computed here from independent UNet calls.
+    """
+    host = RecordingHost(load_pipeline(tiny_folders["sd1"]))
+    losses = []
+    eta = 0.7
+    train_erasure(host, quick_config(iterations=1, eta=eta, erase_from=erase_from), lambda i, loss: losses.append(loss))
+    x_t, timestep = host.last_call
+    source = erase_from or "red"
+    e0 = unet_eps(host.pipeline, x_t, timestep, "")
+    ec = unet_eps(host.pipeline, x_t, timestep, "red")
+    ef = unet_eps(host.pipeline, x_t, timestep, source)
+    expected_target = (e0 if source == "red" else ef) - eta * (ec - e0)
+    expected_loss = torch.mean((ef - expected_target) ** 2).item()
+    assert losses[0] == pytest.approx(expected_loss, rel=1e-4)
+
+
+def test_untrained_tensors_and_frozen_predictions_stay_identical(tiny_folders):
+    host = host_for(tiny_folders["sd1"])
+    before = {name: t.detach().clone() for name, t in host.unet.state_dict().items()}
+    x = torch.randn(1, 4, 8, 8)
+    conds = [host.encode(""), host.encode("red")]
+    frozen_before = host.predict_eps(x, 500, conds)
+    erasure = erase(host, quick_config(method="esd-x"))
+    after = host.unet.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert torch.equal(host.predict_eps(x, 500, conds), frozen_before)
+    assert erasure.deltas and all("attn2" in name for name in erasure.deltas)
+    assert all(delta.abs().max() > 0 for delta in erasure.deltas.values())
+
+
+def test_one_step_at_lr_1e_5_changes_every_selected_tensor_in_bf16(tiny_folders):
+    host = host_for(tiny_folders["sd1"], torch.bfloat16)
+    trained = train_erasure(host, quick_config(iterations=1, lr=1e-5))
+    for name, delta in trained.deltas.items():
+        assert delta.dtype == torch.float32
+        assert delta.abs().max().item() == pytest.approx(1e-5, rel=0.05), name  # Adam's first step moves by ~lr
+
+
+def test_training_is_reproducible(tiny_folders):
+    first = erase(host_for(tiny_folders["sd1"]), quick_config())
+    second = erase(host_for(tiny_folders["sd1"]), quick_config())
+    assert first.deltas.keys() == second.deltas.keys()
+    assert all(torch.equal(first.deltas[name], second.deltas[name]) for name in first.deltas)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_saved_delta_reproduces_the_trained_model(tiny_folders, tmp_path, family):
+    """Written, loaded and applied at strength 1, the delta gives the trained predictions; at 0 the base, bit-exactly."""
+    host = host_for(tiny_folders[family])
+    config = quick_config(method="esd-u" if family == "sd2" else "esd-x")
+    trained = train_erasure(host, config)
+    x = torch.randn(1, 4, 8, 8)
+    conds = [host.encode("red"), host.encode("a blue cat")]
+    base = host.predict_eps(x, 400, conds)
+    with host.attach(trained), trained.switched(True), torch.no_grad():
+        erased = host.predict_eps(x, 400, conds)
+    assert not torch.allclose(erased, base)
+
+    path = tmp_path / "erasure.safetensors"
+    erase_result = erase(host_for(tiny_folders[family]), config)
+    erase_result.save(str(path), torch.float32)
+    loaded = ErasureDelta.load(str(path))
+    assert loaded.metadata["concept"] == "red" and loaded.metadata["base_family"] == host.family
+    with applied_delta(host.unet, loaded, 1.0):
+        assert torch.allclose(host.predict_eps(x, 400, conds), erased, rtol=1e-4, atol=1e-5)
+    with applied_delta(host.unet, loaded, 0.0):
+        assert torch.equal(host.predict_eps(x, 400, conds), base)
+    assert torch.equal(host.predict_eps(x, 400, conds), base)
+
+
+def test_v_prediction_is_converted_to_epsilon(tiny_folders):
+    host = host_for(tiny_folders["sd2"])
+    x_t = torch.randn(1, 4, 8, 8)
+    cond = host.encode("red")
+    with torch.no_grad():
+        v = host.unet(x_t, 300, encoder_hidden_states=cond[0]).sample
+    alpha = host.pipeline.scheduler.alphas_cumprod[300]
+    # x_t = sqrt(a) x0 + sqrt(1-a) eps and v = sqrt(a) eps - sqrt(1-a) x0 give eps = sqrt(a) v + sqrt(1-a) x_t.
+    assert torch.allclose(host.predict_eps(x_t, 300, [cond]), alpha.sqrt() * v + (1 - alpha).sqrt() * x_t, atol=1e-6)
+
+
+def test_sdxl_conditioning_uses_pooled_embeddings_and_time_ids(tiny_folders):
+    host = host_for(tiny_folders["sdxl"])
+    embeds, pooled = host.encode("red")
+    assert embeds.shape[-1] == 64 and pooled.shape == (1, 32)
+    eps = host.predict_eps(torch.randn(1, 4, 8, 8), 500, [host.encode(""), (embeds, pooled)])
+    assert eps.shape == (2, 4, 8, 8) and torch.isfinite(eps).all()
