@@ -139,6 +139,8 @@ def load_pipeline(path: str, config: str | None = None, dtype: torch.dtype = tor
         return DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
     if not path.lower().endswith(SINGLE_FILE_SUFFIXES):
         raise ValueError(f"{path!r} is neither a diffusers folder nor a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}).")
+    if config and not os.path.isfile(os.path.join(config, "model_index.json")):
+        raise ValueError(f"The config {config!r} is not a diffusers model folder (it has no model_index.json).")
     pipeline_class = _pipeline_class(config) if config else StableDiffusionPipeline
     kwargs = {} if with_vae else {"vae": None}
     try:

@@ -1,0 +1,162 @@
+"""The command line end to end on tiny pipelines, and every bad input: a clear error and nothing written."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from esd_core.cli import main
+from esd_core.diffusers_host import DiffusersHost, load_pipeline
+from esd_core.erasure_file import ErasureDelta
+from esd_core.keys import diffusers_to_ldm_names
+
+QUICK = ["--iterations", "2", "--lr", "1e-3", "--sample-steps", "4", "--device", "cpu"]
+
+
+def run_erase(folder, out, *extra):
+    return main(["erase", "--model", folder, "--concept", "red", "--out", str(out), *QUICK, *extra])
+
+
+def files_in(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_erase_info_apply_round_trip(tiny_folders, tmp_path, capsys):
+    delta_path = tmp_path / "red.safetensors"
+    assert run_erase(tiny_folders["sd1"], delta_path, "--method", "xattn", "--save-dtype", "fp32") == 0
+    delta = ErasureDelta.load(str(delta_path))
+    for key in ("concept", "erase_from", "method", "iterations", "lr", "eta", "sample_steps", "sample_guidance",
+                "sample_with", "seed", "base_family", "base_fingerprint", "created", "package_version", "format_version"):
+        assert key in delta.metadata, key
+    assert delta.metadata["method"] == "esd-x" and delta.metadata["iterations"] == "2"
+
+    assert main(["info", str(delta_path)]) == 0
+    printed = capsys.readouterr().out
+    assert '"concept": "red"' in printed and "tensors" in printed
+
+    out_folder = tmp_path / "erased"
+    assert main(["apply", "--model", tiny_folders["sd1"], "--delta", str(delta_path), "--out", str(out_folder), "--device", "cpu"]) == 0
+    base, erased = load_pipeline(tiny_folders["sd1"]).unet, load_pipeline(str(out_folder)).unet
+    mapping = diffusers_to_ldm_names(base.state_dict().keys(), dict(base.config))
+    for name, tensor in base.state_dict().items():
+        change = delta.deltas.get(mapping[name])
+        expected = tensor if change is None else tensor + change
+        assert torch.allclose(erased.state_dict()[name], expected, atol=1e-7), name
+
+    unet_file = tmp_path / "unet.safetensors"
+    assert main(["apply", "--model", tiny_folders["sd1"], "--delta", str(delta_path), "--strength", "0", "--out", str(unet_file)]) == 0
+    from safetensors.torch import load_file
+
+    written = load_file(str(unet_file))
+    assert all(torch.equal(written[name], tensor) for name, tensor in base.state_dict().items())
+
+
+def test_single_file_checkpoint_with_config_folder(tiny_folders, tmp_path):
+    """A CompVis-style single file (model.diffusion_model.*, cond_stage_model.*) loads via diffusers' single-file code."""
+    pipeline = load_pipeline(tiny_folders["sd1"])
+    unet_state = pipeline.unet.state_dict()
+    mapping = diffusers_to_ldm_names(unet_state.keys(), dict(pipeline.unet.config))
+    checkpoint = {f"model.diffusion_model.{mapping[name]}": t for name, t in unet_state.items()}
+    checkpoint.update({f"cond_stage_model.transformer.text_model.{name}": t for name, t in pipeline.text_encoder.state_dict().items()})
+    single = tmp_path / "model.safetensors"
+    save_file(checkpoint, str(single))
+
+    loaded = load_pipeline(str(single), config=tiny_folders["sd1"], with_vae=False)
+    assert all(torch.equal(loaded.unet.state_dict()[n], t) for n, t in unet_state.items())
+    assert run_erase(str(single), tmp_path / "d.safetensors", "--config", tiny_folders["sd1"]) == 0
+
+    assert run_erase(str(single), tmp_path / "e.safetensors") == 2
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--concept", "  "], "concept is empty"),
+        (["--iterations", "0"], "iterations must be a positive"),
+        (["--lr", "-1"], "learning rate must be a positive"),
+        (["--erase-from", "a, b"], "erase_from lists 2 texts for 1 concepts"),
+    ],
+)
+def test_bad_erase_arguments(tiny_folders, tmp_path, capsys, arguments, message):
+    assert run_erase(tiny_folders["sd1"], tmp_path / "x.safetensors", *arguments) == 2
+    assert message in capsys.readouterr().err
+    assert files_in(tmp_path) == []
+
+
+def test_unknown_method_lists_the_valid_ones(tiny_folders, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_erase(tiny_folders["sd1"], tmp_path / "x.safetensors", "--method", "bogus")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "invalid choice: 'bogus'" in error and "esd-x-strict" in error and "noxattn" in error
+    assert files_in(tmp_path) == []
+
+
+def test_missing_or_unreadable_model(tiny_folders, tmp_path, capsys):
+    assert run_erase(str(tmp_path / "nowhere"), tmp_path / "x.safetensors") == 2
+    assert "No model at" in capsys.readouterr().err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    assert run_erase(str(junk), tmp_path / "x.safetensors", "--config", str(tmp_path)) == 2
+    assert "is not a diffusers model folder (it has no model_index.json)" in capsys.readouterr().err
+    assert run_erase(str(junk), tmp_path / "x.safetensors", "--config", tiny_folders["sd1"]) == 2
+    assert "Could not load the checkpoint" in capsys.readouterr().err
+    assert files_in(tmp_path) == ["junk.safetensors"]
+
+
+def test_long_concept_warns_what_was_cut(tiny_folders):
+    host = DiffusersHost(load_pipeline(tiny_folders["sd1"]))
+    with pytest.warns(UserWarning, match=r"longer than the text encoder's 16 tokens; this part is ignored: 'lm'"):
+        host.encode("a red circle on palm")
+
+
+def test_non_finite_loss_stops_and_writes_nothing(tiny_folders, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    code = main(["erase", "--model", tiny_folders["sd1"], "--concept", "red", "--out", str(out),
+                 "--iterations", "5", "--lr", "1e30", "--sample-steps", "2", "--method", "esd-all"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "The loss became" in error and "at iteration 2" in error and "nothing was saved" in error
+    assert files_in(tmp_path) == []
+
+
+def test_ctrl_c_leaves_no_file(tiny_folders, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    original = DiffusersHost.predict_eps
+    monkeypatch.setattr(DiffusersHost, "predict_eps", interrupted)
+    assert run_erase(tiny_folders["sd1"], tmp_path / "x.safetensors") == 130
+    assert "nothing was written" in capsys.readouterr().err
+    assert files_in(tmp_path) == []
+
+
+def test_delta_for_another_model_is_refused(tiny_folders, tmp_path, capsys):
+    delta_path = tmp_path / "sd1.safetensors"
+    assert run_erase(tiny_folders["sd1"], delta_path) == 0
+    out = tmp_path / "out"
+    assert main(["apply", "--model", tiny_folders["sdxl"], "--delta", str(delta_path), "--out", str(out)]) == 2
+    assert "trained on a custom(context_dim=32) model and cannot be applied to a custom-xl(context_dim=64)" in capsys.readouterr().err
+
+    delta = ErasureDelta.load(str(delta_path))
+    first = sorted(delta.deltas)[0]
+    delta.deltas[first] = torch.zeros(3, 3)
+    reshaped = tmp_path / "reshaped.safetensors"
+    delta.save(str(reshaped))
+    assert main(["apply", "--model", tiny_folders["sd1"], "--delta", str(reshaped), "--out", str(out)]) == 2
+    assert f"Shape mismatch at '{first}'" in capsys.readouterr().err
+    assert sorted(files_in(tmp_path)) == ["reshaped.safetensors", "sd1.safetensors"]
+
+
+def test_not_a_delta_file(tmp_path, capsys):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_text("nope")
+    assert main(["info", str(bogus)]) == 2
+    assert "is not a readable safetensors erasure file" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""Train-method selection on full-size configs (meta device, no weights) and diffusers <-> ldm names."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
+
+from esd_core.config import EraseConfig, concept_pairs
+from esd_core.erasure_file import file_key, ldm_name
+from esd_core.keys import diffusers_to_ldm_names
+from esd_core.methods import layer_tensors, resolve_method, select_parameters
+
+FULL_SIZE = {
+    "sd1": dict(cross_attention_dim=768, attention_head_dim=8),
+    "sd2": dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+    "sdxl": dict(
+        cross_attention_dim=2048, attention_head_dim=[5, 10, 20], use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        transformer_layers_per_block=[1, 2, 10], block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    ),
+}
+
+
+def meta_unet(family):
+    with torch.device("meta"):
+        return UNet2DConditionModel(**FULL_SIZE[family])
+
+
+def selected(family, method):
+    tensors = select_parameters(layer_tensors(meta_unet(family)), method)
+    return sum(t.numel() for t in tensors.values()), len(tensors)
+
+
+def test_sd1_counts_match_the_published_ones():
+    assert selected("sd1", "esd-x") == (43_962_560, 80)
+    assert selected("sd1", "xattn-strict") == (19_169_280, 32)
+
+
+def test_sd2_and_sdxl_cross_attention_counts():
+    assert selected("sd2", "esd-x")[0] == 50_352_320
+    assert selected("sd2", "esd-x-strict")[0] == 25_559_040
+    assert selected("sdxl", "esd-x")[0] == 545_670_400
+    assert selected("sdxl", "esd-x-strict")[0] == 340_787_200
+
+
+def test_methods_partition_the_layers_and_never_train_norms():
+    unet = meta_unet("sd1")
+    everything = layer_tensors(unet)
+    cross, outside = select_parameters(everything, "esd-x"), select_parameters(everything, "esd-u")
+    assert not any("attn2" in name for name in outside)
+    assert set(cross) | set(outside) == set(select_parameters(everything, "esd-all"))
+    assert not set(cross) & set(outside)
+    assert all("attn1" in name for name in select_parameters(everything, "selfattn"))
+    assert not any("norm" in name.split(".")[-2] for name in everything)
+
+
+def test_selection_works_on_ldm_names_too():
+    unet = meta_unet("sd1")
+    names = diffusers_to_ldm_names(unet.state_dict().keys(), dict(unet.config))
+    by_ldm_name = {names[name]: t for name, t in layer_tensors(unet).items()}
+    tensors = select_parameters(by_ldm_name, "esd-x")
+    assert sum(t.numel() for t in tensors.values()) == 43_962_560
+    assert "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in tensors
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_ldm_names_round_trip_through_diffusers_converter(family):
+    unet = meta_unet(family)
+    names = list(unet.state_dict().keys())
+    mapping = diffusers_to_ldm_names(names, dict(unet.config))
+    assert len(set(mapping.values())) == len(names)
+    back = convert_ldm_unet_checkpoint({LDM_UNET_KEY + ldm: name for name, ldm in mapping.items()}, dict(unet.config))
+    assert back == {name: name for name in names}
+
+
+def test_well_known_ldm_names():
+    unet = meta_unet("sd1")
+    mapping = diffusers_to_ldm_names(unet.state_dict().keys(), dict(unet.config))
+    assert mapping["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"] == "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert mapping["mid_block.resnets.1.conv2.weight"] == "middle_block.2.out_layers.3.weight"
+    assert mapping["up_blocks.3.attentions.2.proj_out.bias"] == "output_blocks.11.1.proj_out.bias"
+    assert mapping["down_blocks.2.downsamplers.0.conv.weight"] == "input_blocks.9.0.op.weight"
+    assert mapping["up_blocks.1.upsamplers.0.conv.weight"] == "output_blocks.5.2.conv.weight"
+
+
+def test_delta_file_keys_use_comfyui_lora_suffixes():
+    name = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert file_key(name) == "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.diff"
+    assert file_key("out.2.bias") == "diffusion_model.out.2.diff_b"
+    assert ldm_name(file_key(name)) == name and ldm_name(file_key("out.2.bias")) == "out.2.bias"
+
+
+def test_concept_pairs():
+    assert concept_pairs("a, b") == [("a", "a"), ("b", "b")]
+    assert concept_pairs("a, b", "x") == [("a", "x"), ("b", "x")]
+    assert concept_pairs("a, b", "x, y") == [("a", "x"), ("b", "y")]
+    with pytest.raises(ValueError, match="one per concept"):
+        concept_pairs("a, b, c", "x, y")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(concept=" , "), "concept is empty"),
+        (dict(concept="x", method="lora"), "Unknown train method 'lora'. Use one of: esd-x"),
+        (dict(concept="x", iterations=0), "iterations must be a positive"),
+        (dict(concept="x", lr=0.0), "learning rate must be a positive"),
+        (dict(concept="x", lr=-1e-5), "learning rate must be a positive"),
+        (dict(concept="x", sample_with="both"), "sample_with"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_fix(settings, message):
+    with pytest.raises(ValueError, match=message):
+        EraseConfig(**settings)
+
+
+def test_aliases_resolve():
+    assert [resolve_method(a) for a in ("xattn", "xattn-strict", "noxattn", "selfattn", "full")] == [
+        "esd-x", "esd-x-strict", "esd-u", "esd-self", "esd-all"
+    ]
