@@ -8,7 +8,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .config import SAMPLE_WITH_CHOICES, EraseConfig
+from .config import MODES, SAMPLE_WITH_CHOICES, EraseConfig
 from .erasure_file import SAVE_DTYPES, ErasureDelta, summary, write_atomically
 from .methods import TRAIN_METHODS, method_choices
 
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the x_t sampling schedule (paper: 50)")
     erase.add_argument("--sample-guidance", type=float, default=3.0, help="classifier-free guidance while sampling x_t (paper: 3.0)")
     erase.add_argument("--sample-with", default="trained", choices=SAMPLE_WITH_CHOICES, help="sample x_t with the model being trained (paper) or the frozen one")
+    erase.add_argument("--mode", default="fast", choices=MODES, help="fast: one sampled trajectory serves several updates (default); reference: a fresh trajectory per update, as the paper")
+    erase.add_argument("--reuse", type=int, default=0, help="fast mode: updates per sampled trajectory, i.e. the staleness bound (default 0: one per sampling step)")
+    erase.add_argument("--rank", type=int, default=0, help="0: full-rank deltas; r > 0: LoRA-style rank-r factors (for esd-u/esd-all memory)")
     erase.add_argument("--resolution", type=int, help="training image size in pixels (default: the UNet's native size)")
     erase.add_argument("--seed", type=int, default=0)
     erase.add_argument("--save-dtype", default="fp16", choices=tuple(SAVE_DTYPES), help="precision of the written deltas")
@@ -86,7 +89,7 @@ def run_erase(args) -> None:
     config = EraseConfig(
         concept=args.concept, erase_from=args.erase_from, method=args.method, iterations=args.iterations,
         lr=args.lr, eta=args.eta, sample_steps=args.sample_steps, sample_guidance=args.sample_guidance,
-        sample_with=args.sample_with, seed=args.seed,
+        sample_with=args.sample_with, mode=args.mode, reuse=args.reuse, rank=args.rank, seed=args.seed,
     )
     _check_output_path(args.out, ".safetensors")
     device = pick_device(args.device)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from .methods import resolve_method
 
 SAMPLE_WITH_CHOICES = ("trained", "frozen")
+MODES = ("fast", "reference")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class EraseConfig:
     sample_steps: int = 50
     sample_guidance: float = 3.0
     sample_with: str = "trained"
+    mode: str = "fast"
+    reuse: int = 0  # fast mode: updates per sampled trajectory (0: one per sampling step)
+    rank: int = 0  # 0: full-rank deltas; r > 0: LoRA-style factors of rank r
     seed: int = 0
 
     def __post_init__(self):
@@ -38,6 +42,10 @@ class EraseConfig:
             raise ValueError(f"sample_steps must be a positive whole number, got {self.sample_steps}. Try 50.")
         if not math.isfinite(self.sample_guidance):
             raise ValueError(f"sample_guidance must be a finite number, got {self.sample_guidance}. Try 3.0.")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if self.reuse < 0 or self.rank < 0:
+            raise ValueError(f"reuse and rank must be 0 or more, got reuse={self.reuse}, rank={self.rank}.")
         if self.sample_with not in SAMPLE_WITH_CHOICES:
             raise ValueError(f"sample_with must be one of {SAMPLE_WITH_CHOICES}, got {self.sample_with!r}.")
 

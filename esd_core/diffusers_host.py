@@ -68,7 +68,7 @@ class DiffusersHost(ErasureHost):
         modules = dict(self.unet.named_modules())
         attached = []
         try:
-            for name in delta.deltas:
+            for name in delta.names:
                 module_name, tensor_name = name.rsplit(".", 1)
                 parametrize.register_parametrization(modules[module_name], tensor_name, _AddDelta(delta, name))
                 attached.append((modules[module_name], tensor_name))
@@ -86,9 +86,10 @@ class DiffusersHost(ErasureHost):
         embeds, _ = self.pipeline.encode_prompt(text, self.device, 1, False)
         return embeds, None
 
-    def predict_eps(self, x_t: torch.Tensor, timestep: int, conds: list) -> torch.Tensor:
+    def predict_eps(self, x_t: torch.Tensor, timestep, conds: list) -> torch.Tensor:
         batch = len(conds)
         sample = x_t.to(self.device, self.dtype).expand(batch, -1, -1, -1)
+        timesteps = torch.as_tensor(timestep, device=self.device).expand(batch)
         hidden = torch.cat([embeds for embeds, _ in conds]).to(self.dtype)
         extra = {}
         if self.is_sdxl:
@@ -98,10 +99,10 @@ class DiffusersHost(ErasureHost):
                 "text_embeds": torch.cat([pooled for _, pooled in conds]).to(self.dtype),
                 "time_ids": time_ids.expand(batch, -1),
             }
-        output = self.unet(sample, timestep, encoder_hidden_states=hidden, **extra).sample.float()
+        output = self.unet(sample, timesteps, encoder_hidden_states=hidden, **extra).sample.float()
         if self.prediction_type == "v_prediction":
-            alpha = self._alphas_cumprod[timestep]
-            return alpha.sqrt() * output + (1 - alpha).sqrt() * x_t.float()
+            alpha = self._alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+            return alpha.sqrt() * output + (1 - alpha).sqrt() * x_t.to(self.device).float()
         if self.prediction_type != "epsilon":
             raise ValueError(f"Models predicting {self.prediction_type!r} are not supported; use an epsilon or v-prediction model.")
         return output

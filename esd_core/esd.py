@@ -1,12 +1,18 @@
 """The ESD loop (Gandikota et al., ICCV 2023), on any ErasureHost.
 
-Per iteration: draw a (concept c, erase_from f) pair and a step count k; sample x_t with k guided DDIM
-steps conditioned on f; ask the frozen model for e0 (prompt ""), ec and ef; train the delta so that the
-erased model, conditioned on f, predicts ``e0 - eta * (ec - e0)`` (the paper's formula) when f == c, and
-``ef - eta * (ec - e0)`` when erasing c from another text f.
+Per update: draw a (concept c, erase_from f) pair and a step count k; take x_t after k guided DDIM steps
+from noise, conditioned on f; ask the frozen model for e0 (prompt ""), ec and ef; train the delta so
+that the erased model, conditioned on f, predicts ``e0 - eta * (ec - e0)`` (the paper's formula) when
+f == c, and ``ef - eta * (ec - e0)`` when erasing c from another text f.
+
+Two modes feed the same update with the same distribution of (x_t, t):
+- reference: a fresh partial trajectory for every update, as the paper does;
+- fast: one trajectory serves ``reuse`` updates, at distinct step counts drawn uniformly, so each state is
+  at most ``reuse`` updates stale; the frozen predictions for all its states run as one batch.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,15 +21,28 @@ from .config import EraseConfig
 from .erasure_file import ErasureDelta, erasure_metadata, fingerprint
 from .host import ErasureHost
 from .methods import select_parameters
-from .sampling import ddim_scheduler, sample_xt
+from .sampling import ddim_scheduler, ddim_trajectory
 from .trainable import TrainableDelta
 
 # Called after every update with (iteration index, loss); a host may raise from it to cancel.
 ProgressCallback = Callable[[int, float], None]
 
+# Frozen predictions are batched this many states at a time in fast mode.
+FROZEN_STATES_PER_PASS = 8
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; nothing is saved."""
+
+
+@dataclass
+class TrainingExample:
+    """One update's input: the latent, its timestep, the text the prediction is conditioned on, and the target."""
+
+    x_t: torch.Tensor
+    timestep: int
+    source: str
+    target: torch.Tensor
 
 
 def esd_target(e0: torch.Tensor, ec: torch.Tensor, ef: torch.Tensor | None, eta: float) -> torch.Tensor:
@@ -33,35 +52,81 @@ def esd_target(e0: torch.Tensor, ec: torch.Tensor, ef: torch.Tensor | None, eta:
     return anchor - eta * (ec - e0)
 
 
+class _Run:
+    """What both modes share: the host, the delta, the encoded prompts, the schedule and the random stream."""
+
+    def __init__(self, host: ErasureHost, delta: TrainableDelta, config: EraseConfig, generator: torch.Generator):
+        self.host, self.delta, self.config, self.generator = host, delta, config, generator
+        self.conds = {text: host.encode(text) for text in ["", *(t for pair in config.pairs for t in pair)]}
+        self.scheduler = ddim_scheduler(host.alphas_cumprod, config.sample_steps)
+
+    def draw(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def draw_pair(self) -> tuple[str, str]:
+        pairs = self.config.pairs
+        return pairs[self.draw(len(pairs))]
+
+    def trajectory(self, source: str, steps: int) -> list[tuple[torch.Tensor, int]]:
+        """States 0..steps of a guided trajectory under f, sampled by the trained or the frozen model."""
+        with self.delta.switched(self.config.sample_with == "trained"):
+            c = self.conds
+            return ddim_trajectory(self.host, self.scheduler, steps, c[source], c[""], self.config.sample_guidance, self.generator)
+
+    @torch.no_grad()
+    def targets(self, states: list[tuple[torch.Tensor, int]], concept: str, source: str) -> list[torch.Tensor]:
+        """The frozen model's targets for several states of one pair, in one batched pass."""
+        texts = ["", concept] if concept == source else ["", concept, source]
+        rows = len(texts)
+        x = torch.cat([x_t for x_t, _ in states]).repeat_interleave(rows, dim=0)
+        timesteps = torch.tensor([t for _, t in states]).repeat_interleave(rows)
+        with self.delta.switched(False):
+            eps = self.host.predict_eps(x, timesteps, [self.conds[t] for t in texts] * len(states))
+        eps = eps.view(len(states), rows, *eps.shape[1:])
+        ef = eps[:, 2] if rows == 3 else None
+        return list(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta))
+
+
+def reference_examples(run: _Run) -> Iterator[TrainingExample]:
+    """The paper's loop: a fresh partial trajectory, from fresh noise, for every update."""
+    while True:
+        concept, source = run.draw_pair()
+        x_t, timestep = run.trajectory(source, run.draw(run.config.sample_steps))[-1]
+        yield TrainingExample(x_t, timestep, source, run.targets([(x_t, timestep)], concept, source)[0])
+
+
+def reused_trajectory_examples(run: _Run) -> Iterator[TrainingExample]:
+    """Fast mode: one trajectory, ``reuse`` distinct step counts on it (uniform, in random order), one update each."""
+    steps = run.config.sample_steps
+    reuse = min(run.config.reuse or steps, steps)
+    while True:
+        concept, source = run.draw_pair()
+        chosen = torch.randperm(steps, generator=run.generator)[:reuse].tolist()
+        states = run.trajectory(source, max(chosen))
+        picked = [states[k] for k in chosen]
+        for start in range(0, len(picked), FROZEN_STATES_PER_PASS):
+            batch = picked[start : start + FROZEN_STATES_PER_PASS]
+            for (x_t, timestep), target in zip(batch, run.targets(batch, concept, source)):
+                yield TrainingExample(x_t, timestep, source, target)
+
+
+EXAMPLE_SOURCES = {"reference": reference_examples, "fast": reused_trajectory_examples}
+
+
 def train_erasure(host: ErasureHost, config: EraseConfig, progress: ProgressCallback | None = None) -> TrainableDelta:
     """Train the delta that erases ``config.concept`` from the host's UNet; the UNet itself is left untouched."""
     generator = torch.Generator().manual_seed(config.seed)
-    pairs = config.pairs
-    empty = host.encode("")
-    conds = {text: host.encode(text) for pair in pairs for text in pair}
-    scheduler = ddim_scheduler(host.alphas_cumprod, config.sample_steps)
-
-    delta = TrainableDelta(select_parameters(host.layer_tensors(), config.method))
+    delta = TrainableDelta(select_parameters(host.layer_tensors(), config.method), config.rank, generator)
     optimizer = torch.optim.Adam(delta.parameters(), lr=config.lr)
+    run = _Run(host, delta, config, generator)
 
     with host.attach(delta):
+        examples = EXAMPLE_SOURCES[config.mode](run)
         for iteration in range(config.iterations):
-            concept, source = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
-            steps_done = int(torch.randint(config.sample_steps, (1,), generator=generator))
-
-            with delta.switched(config.sample_with == "trained"):
-                x_t, timestep = sample_xt(
-                    host, scheduler, steps_done, conds[source], empty, config.sample_guidance, generator
-                )
-
-            with torch.no_grad(), delta.switched(False):
-                prompts = [empty, conds[concept]] if concept == source else [empty, conds[concept], conds[source]]
-                e0, ec, *ef = host.predict_eps(x_t, timestep, prompts)
-                target = esd_target(e0, ec, ef[0] if ef else None, config.eta)
-
+            example = next(examples)
             with delta.switched(True):
-                prediction = host.predict_eps(x_t, timestep, [conds[source]])[0]
-            loss = F.mse_loss(prediction.float(), target.float())
+                prediction = host.predict_eps(example.x_t, example.timestep, [run.conds[example.source]])[0]
+            loss = F.mse_loss(prediction, example.target.float())
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"The loss became {loss.item()} at iteration {iteration + 1}; nothing was saved. "
@@ -83,7 +148,7 @@ def erase(host: ErasureHost, config: EraseConfig, progress: ProgressCallback | N
     metadata = erasure_metadata(
         config.as_metadata(),
         host.family,
-        fingerprint({host.ldm_name(name): base[name] for name in trained.deltas}),
+        fingerprint({host.ldm_name(name): base[name] for name in trained.names}),
         trained.parameter_count(),
     )
     return ErasureDelta(deltas, metadata)

@@ -33,8 +33,12 @@ class ErasureHost(ABC):
         """Encode one prompt into the conditioning ``predict_eps`` takes (warn if the text was cut)."""
 
     @abstractmethod
-    def predict_eps(self, x_t: torch.Tensor, timestep: int, conds: list) -> torch.Tensor:
-        """Epsilon for one latent ``x_t`` (1, C, H, W) at a 1000-step ``timestep`` under each cond: (len(conds), C, H, W), fp32."""
+    def predict_eps(self, x_t: torch.Tensor, timestep: int | torch.Tensor, conds: list) -> torch.Tensor:
+        """Epsilon, fp32, shape (len(conds), C, H, W): one row per cond.
+
+        ``x_t`` is (1, C, H, W), shared by every row, or (len(conds), C, H, W); ``timestep`` (on the
+        1000-step schedule) is one int for every row, or a tensor with one per row.
+        """
 
     @property
     @abstractmethod

@@ -24,32 +24,30 @@ def ddim_scheduler(alphas_cumprod: torch.Tensor, sample_steps: int) -> DDIMSched
     return scheduler
 
 
-def guided_eps(host: ErasureHost, x: torch.Tensor, timestep: int, cond, uncond, guidance: float) -> torch.Tensor:
-    """Classifier-free guided epsilon, with the unconditional and conditional passes in one batch."""
-    eps_uncond, eps_cond = host.predict_eps(x, timestep, [uncond, cond]).chunk(2)
-    return eps_uncond + guidance * (eps_cond - eps_uncond)
-
-
 @torch.no_grad()
-def sample_xt(
+def ddim_trajectory(
     host: ErasureHost,
     scheduler: DDIMScheduler,
-    steps_done: int,
+    steps: int,
     cond,
     uncond,
     guidance: float,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, int]:
-    """Run ``steps_done`` guided DDIM steps from Gaussian noise; return the latent and its 1000-step timestep.
+) -> list[tuple[torch.Tensor, int]]:
+    """Run ``steps`` guided DDIM steps from Gaussian noise; return every state as (latent, 1000-step timestep).
 
     What "right" means: the noise starts at ``scheduler.timesteps[0]`` and each DDIM step moves the latent
-    from ``timesteps[i]`` to ``timesteps[i + 1]``. After ``steps_done`` steps the latent therefore carries the
-    noise level of ``timesteps[steps_done]``, and that is the timestep the loss must be computed at. (The
-    reference code maps the step index to the 1000-step schedule one step late.)
+    from ``timesteps[i]`` to ``timesteps[i + 1]``. So state k (after k steps) carries the noise level of
+    ``timesteps[k]``, and that is the timestep the loss must be computed at. (The reference code maps the
+    step index to the 1000-step schedule one step late.)
     """
     noise = torch.randn((1, *host.latent_shape), generator=generator, dtype=torch.float32)
     x = noise.to(host.device) * scheduler.init_noise_sigma
-    for timestep in scheduler.timesteps[:steps_done]:
-        eps = guided_eps(host, x, int(timestep), cond, uncond, guidance)
-        x = scheduler.step(eps, timestep, x).prev_sample
-    return x, int(scheduler.timesteps[steps_done])
+    states = [(x, int(scheduler.timesteps[0]))]
+    for step in range(steps):
+        timestep = int(scheduler.timesteps[step])
+        eps_uncond, eps_cond = host.predict_eps(x, timestep, [uncond, cond]).chunk(2)
+        x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), timestep, x).prev_sample
+        states.append((x, int(scheduler.timesteps[step + 1])))
+    return states
+

@@ -40,7 +40,7 @@ class _Wrapper:
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         delta = self.host.active_delta
-        if delta is None or self.name not in delta.deltas:
+        if delta is None or self.name not in delta.shapes:
             return weight
         return delta.added_to(self.name, weight)
 
@@ -201,8 +201,12 @@ class ComfyErasureHost(ErasureHost):
                     module.__dict__[attribute] = [f for f in functions if not isinstance(f, _Wrapper)]
         self.patcher.weight_wrapper_patches = {}
         parameters = dict(self.patcher.model.named_parameters())
-        for name in self._grad_flags:
-            if name in parameters:
-                parameters[name].requires_grad_(True)
+        try:
+            with torch.inference_mode(any(p.is_inference() for p in parameters.values())):
+                for name in self._grad_flags:  # put the flags back as they were (ComfyUI's weights are inference tensors)
+                    if name in parameters:
+                        parameters[name].requires_grad_(True)
+        except RuntimeError as error:
+            logging.warning("ESD: could not restore requires_grad on the model's weights: %s", error)
         self._grad_flags = {}
         comfy.model_management.soft_empty_cache()

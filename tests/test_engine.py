@@ -73,7 +73,7 @@ def test_untrained_tensors_and_frozen_predictions_stay_identical(tiny_folders):
 def test_one_step_at_lr_1e_5_changes_every_selected_tensor_in_bf16(tiny_folders):
     host = host_for(tiny_folders["sd1"], torch.bfloat16)
     trained = train_erasure(host, quick_config(iterations=1, lr=1e-5))
-    for name, delta in trained.deltas.items():
+    for name, delta in trained.full.items():
         assert delta.dtype == torch.float32
         assert delta.abs().max().item() == pytest.approx(1e-5, rel=0.05), name  # Adam's first step moves by ~lr
 
@@ -127,3 +127,51 @@ def test_sdxl_conditioning_uses_pooled_embeddings_and_time_ids(tiny_folders):
     assert embeds.shape[-1] == 64 and pooled.shape == (1, 32)
     eps = host.predict_eps(torch.randn(1, 4, 8, 8), 500, [host.encode(""), (embeds, pooled)])
     assert eps.shape == (2, 4, 8, 8) and torch.isfinite(eps).all()
+
+
+def test_reference_mode_draws_a_fresh_trajectory_per_update(tiny_folders):
+    host = RecordingHost(load_pipeline(tiny_folders["sd1"]))
+    calls = []
+    original = host.predict_eps
+    host.predict_eps = lambda x, t, conds: calls.append(len(conds)) or original(x, t, conds)
+    train_erasure(host, quick_config(mode="reference", iterations=3, sample_steps=6))
+    # per update: k guided passes of 2 rows, one frozen pass of 2 rows, one trainable pass of 1 row
+    assert calls.count(1) == 3
+    assert calls[-1] == 1 and calls[-2] == 2
+
+
+def test_fast_mode_uses_distinct_uniform_steps_of_one_trajectory(tiny_folders):
+    from esd_core.esd import _Run, reused_trajectory_examples
+    from esd_core.trainable import TrainableDelta
+
+    host = host_for(tiny_folders["sd1"])
+    config = quick_config(sample_steps=10, reuse=10)
+    run = _Run(host, TrainableDelta({}), config, torch.Generator().manual_seed(0))
+    examples = reused_trajectory_examples(run)
+    timesteps = [next(examples).timestep for _ in range(10)]
+    assert sorted(timesteps) == sorted(int(t) for t in run.scheduler.timesteps)  # each step count exactly once
+    assert timesteps != sorted(timesteps, reverse=True)  # in random order
+
+
+def test_batched_frozen_targets_equal_one_at_a_time(tiny_folders):
+    from esd_core.esd import _Run
+    from esd_core.trainable import TrainableDelta
+
+    host = host_for(tiny_folders["sd1"])
+    run = _Run(host, TrainableDelta({}), quick_config(erase_from="blue", sample_steps=6), torch.Generator().manual_seed(0))
+    states = run.trajectory("blue", 5)
+    batched = run.targets(states, "red", "blue")
+    single = [run.targets([state], "red", "blue")[0] for state in states]
+    assert all(torch.allclose(b, s, atol=1e-5) for b, s in zip(batched, single))
+
+
+def test_low_rank_delta_is_a_product_and_saves_full_shape(tiny_folders):
+    host = host_for(tiny_folders["sd1"])
+    trained = train_erasure(host, quick_config(method="esd-u", rank=2))
+    full = train_erasure(host_for(tiny_folders["sd1"]), quick_config(method="esd-u"))
+    assert trained.factors and trained.parameter_count() < full.parameter_count() / 3
+    for name, (up, down) in trained.factors.items():
+        assert up.shape[1] == down.shape[0] == 2
+        assert torch.linalg.matrix_rank(trained.delta(name).detach().reshape(up.shape[0], -1)) <= 2
+    assert {n: t.shape for n, t in trained.detached().items()} == {n: t.shape for n, t in full.detached().items()}
+    assert any(trained.delta(name).abs().max() > 0 for name in trained.factors)
