@@ -144,25 +144,31 @@ class ComfyErasureHost(ErasureHost):
     def alphas_cumprod(self) -> torch.Tensor:
         return self._alphas_cumprod
 
-    def predict_eps(self, x_t: torch.Tensor, timestep: int, conds: list) -> torch.Tensor:
+    def predict_eps(self, x_t: torch.Tensor, timestep, conds: list) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
+        rows = len(conds)
+        x_t = x_t.to(self.device, torch.float32)
+        if x_t.shape[0] == 1 and rows > 1:
+            x_t = x_t.expand(rows, *x_t.shape[1:])
+        timesteps = torch.as_tensor(timestep).reshape(-1).to("cpu", torch.long).expand(rows)
         if all(c[0].shape == conds[0][0].shape for c in conds):
-            return self._eps_batch(x_t, timestep, conds)
-        return torch.cat([self._eps_batch(x_t, timestep, [c]) for c in conds])  # prompts of different lengths
+            return self._eps_batch(x_t, timesteps, conds)
+        # prompts of different token lengths cannot share a batch: one row at a time
+        return torch.cat([self._eps_batch(x_t[i : i + 1], timesteps[i : i + 1], [c]) for i, c in enumerate(conds)])
 
     # --- internals -----------------------------------------------------------------------------
-    def _eps_batch(self, x_t: torch.Tensor, timestep: int, conds: list) -> torch.Tensor:
-        model = self.patcher.model
-        n = len(conds)
-        sigma_value = float(self._sigmas[int(timestep)])
-        sigma = torch.full((n,), sigma_value, dtype=torch.float32, device=self.device)
-        x = (x_t.to(self.device, torch.float32) * (1.0 + sigma_value**2) ** 0.5).repeat(n, 1, 1, 1)
+    def _eps_batch(self, x_t: torch.Tensor, timesteps: torch.Tensor, conds: list) -> torch.Tensor:
+        """eps = (x - denoised) / sigma, with x = x_t * sqrt(1 + sigma^2) the k-diffusion input at the row's timestep."""
+        sigma64 = self._sigmas[timesteps]
+        sigma = sigma64.to(self.device, torch.float32)
+        scale = (1.0 + sigma64**2).sqrt().to(self.device, torch.float32).view(-1, 1, 1, 1)
+        x = x_t * scale
         context = torch.cat([c[0].to(self.device) for c in conds])
         kwargs = {}
         if self.sdxl:
             kwargs["y"] = torch.cat([c[1].to(self.device) for c in conds])
-        denoised = model.apply_model(x, sigma, c_crossattn=context, **kwargs)
-        return ((x - denoised.float()) / sigma_value).float()
+        denoised = self.patcher.model.apply_model(x, sigma, c_crossattn=context, **kwargs)
+        return ((x - denoised.float()) / sigma.view(-1, 1, 1, 1)).float()
 
     def _load(self) -> None:
         """Register the wrappers once, then have ComfyUI load the clone (a fresh load, so they take effect)."""

@@ -16,7 +16,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-from ..esd_core.config import SAMPLE_WITH_CHOICES, EraseConfig
+from ..esd_core.config import MODES, SAMPLE_WITH_CHOICES, EraseConfig
 from ..esd_core.erasure_file import SAVE_DTYPES, ErasureDelta, fingerprint
 from ..esd_core.esd import NonFiniteLossError, erase
 from ..esd_core.methods import TRAIN_METHODS
@@ -120,6 +120,20 @@ class EraseConcept(io.ComfyNode):
                     "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                     tooltip="Seed for the concept order, step counts and noise; the same seed gives the same erasure.",
                 ),
+                io.Combo.Input(
+                    "mode", options=list(MODES), default="fast", optional=True,
+                    tooltip="fast: one sampled trajectory serves several updates (same distribution of x_t and t, far "
+                    "less sampling); reference: a fresh trajectory for every update, as in the paper.",
+                ),
+                io.Int.Input(
+                    "reuse", default=0, min=0, max=1000, optional=True,
+                    tooltip="fast mode: updates per sampled trajectory. 0: one per sampling step.",
+                ),
+                io.Int.Input(
+                    "rank", default=0, min=0, max=1024, optional=True,
+                    tooltip="0: full-rank deltas (the paper). r > 0: each matrix delta is a rank-r product, which "
+                    "keeps esd-u / esd-all from needing a second UNet's worth of optimizer memory.",
+                ),
                 io.Int.Input(
                     "resolution", default=0, min=0, max=4096, step=8, optional=True,
                     tooltip="Image size (pixels) of the samples trained on. 0: the model's own (SD1 512, SD2 768, SDXL 1024); "
@@ -135,11 +149,13 @@ class EraseConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, method, iterations, learning_rate, negative_guidance, sample_steps,
-                sample_guidance, seed, erase_from="", sample_with="trained", resolution=0) -> io.NodeOutput:
+                sample_guidance, seed, erase_from="", sample_with="trained", mode="fast", reuse=0, rank=0,
+                resolution=0) -> io.NodeOutput:
         config = EraseConfig(
             concept=concept, erase_from=erase_from or "", method=method, iterations=int(iterations), lr=float(learning_rate),
             eta=float(negative_guidance), sample_steps=int(sample_steps), sample_guidance=float(sample_guidance),
-            sample_with=sample_with or "trained", seed=int(seed),
+            sample_with=sample_with or "trained", seed=int(seed), mode=mode or "fast", reuse=int(reuse or 0),
+            rank=int(rank or 0),
         )
         losses: list[float] = []
         bar = comfy.utils.ProgressBar(config.iterations)
