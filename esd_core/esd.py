@@ -113,30 +113,35 @@ def reused_trajectory_examples(run: _Run) -> Iterator[TrainingExample]:
 EXAMPLE_SOURCES = {"reference": reference_examples, "fast": reused_trajectory_examples}
 
 
+def update(run: _Run, optimizer: torch.optim.Optimizer, example: TrainingExample, iteration: int) -> float:
+    """One optimizer step on the MSE between the trained prediction and the example's target; returns the loss."""
+    with run.delta.switched(True):
+        prediction = run.host.predict_eps(example.x_t, example.timestep, [run.conds[example.source]])[0]
+    loss = F.mse_loss(prediction, example.target.float())
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"The loss became {loss.item()} at iteration {iteration + 1}; nothing was saved. "
+            "Lower the learning rate (--lr) or use --dtype fp32."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train_erasure(host: ErasureHost, config: EraseConfig, progress: ProgressCallback | None = None) -> TrainableDelta:
     """Train the delta that erases ``config.concept`` from the host's UNet; the UNet itself is left untouched."""
     generator = torch.Generator().manual_seed(config.seed)
     delta = TrainableDelta(select_parameters(host.layer_tensors(), config.method), config.rank, generator)
-    optimizer = torch.optim.Adam(delta.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(delta.parameters(), lr=config.lr, foreach=False)  # no per-step copies of the state
     run = _Run(host, delta, config, generator)
 
     with host.attach(delta):
         examples = EXAMPLE_SOURCES[config.mode](run)
         for iteration in range(config.iterations):
-            example = next(examples)
-            with delta.switched(True):
-                prediction = host.predict_eps(example.x_t, example.timestep, [run.conds[example.source]])[0]
-            loss = F.mse_loss(prediction, example.target.float())
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"The loss became {loss.item()} at iteration {iteration + 1}; nothing was saved. "
-                    "Lower the learning rate (--lr) or use --dtype fp32."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = update(run, optimizer, next(examples), iteration)
             if progress is not None:
-                progress(iteration, loss.item())
+                progress(iteration, loss)
     return delta
 
 

@@ -9,23 +9,11 @@ from esd_core.config import EraseConfig, concept_pairs
 from esd_core.erasure_file import file_key, ldm_name
 from esd_core.keys import diffusers_to_ldm_names
 from esd_core.methods import layer_tensors, resolve_method, select_parameters
-
-FULL_SIZE = {
-    "sd1": dict(cross_attention_dim=768, attention_head_dim=8),
-    "sd2": dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
-    "sdxl": dict(
-        cross_attention_dim=2048, attention_head_dim=[5, 10, 20], use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        transformer_layers_per_block=[1, 2, 10], block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    ),
-}
-
+from esd_core.model_configs import FULL_SIZE_UNET_CONFIGS
 
 def meta_unet(family):
     with torch.device("meta"):
-        return UNet2DConditionModel(**FULL_SIZE[family])
+        return UNet2DConditionModel(**FULL_SIZE_UNET_CONFIGS[family])
 
 
 def selected(family, method):
