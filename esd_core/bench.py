@@ -6,9 +6,11 @@ Each measured case runs in its own process (``python -m esd_core.bench CASE_JSON
 
 import copy
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from types import SimpleNamespace
@@ -17,8 +19,9 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from .config import EraseConfig
-from .diffusers_host import DiffusersHost
-from .esd import _Run, reference_examples, train_erasure, update
+from .cli import DTYPES
+from .diffusers_host import DiffusersHost, load_pipeline
+from .esd import _Run, erase, reference_examples, train_erasure, update
 from .methods import layer_tensors, select_parameters
 from .model_configs import FULL_SIZE_UNET_CONFIGS, SD_SCHEDULE, TEXT_SHAPES
 from .trainable import TrainableDelta
@@ -72,39 +75,41 @@ def train_two_unet_baseline(host: TwoUNetHost, config: EraseConfig) -> None:
 
 
 def run_case(case: dict) -> dict:
-    """Time and peak memory of one erasure configuration, in this process."""
+    """Time and peak memory of one erasure, in this process.
+
+    ``case``: ``device``, ``dtype``, ``config`` (EraseConfig fields), ``baseline`` ("two-unet" or absent), and
+    either ``model`` (a model folder) or ``family`` + ``resolution`` (a random-weight full-size UNet);
+    ``out`` (optional) is where the trained delta is written.
+    """
     device = torch.device(case["device"])
     rss_before_model = _rss_now()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case["dtype"]]
-    mode = case["mode"]
-    host_class = TwoUNetHost if mode == "two-unet" else RandomWeightHost
-    host = host_class(case["family"], case["resolution"], device, dtype)
-    config = EraseConfig(
-        concept="an erased concept", method=case["method"], iterations=case["iterations"], lr=1e-5,
-        sample_steps=case["sample_steps"], mode="reference" if mode == "two-unet" else mode,
-        reuse=case.get("reuse", 0), rank=case.get("rank", 0), seed=0,
-    )
+    dtype = DTYPES[case["dtype"]]
+    two_unet = case.get("baseline") == "two-unet"
+    if "model" in case:
+        host = DiffusersHost(load_pipeline(case["model"], dtype=dtype, with_vae=False), device)
+    else:
+        host = (TwoUNetHost if two_unet else RandomWeightHost)(case["family"], case["resolution"], device, dtype)
+    config = EraseConfig(**case["config"])
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    if mode == "two-unet":
+    if two_unet:
         train_two_unet_baseline(host, config)
+    elif "out" in case:
+        erase(host, config).save(case["out"], torch.float32)
     else:
         train_erasure(host, config)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+        peak, kind, above_start = torch.cuda.max_memory_allocated(), "cuda_max_allocated", torch.cuda.max_memory_allocated()
     else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_rss"
-    if device.type == "cpu":
-        peak_above_start = peak - rss_before_model
-    else:
-        peak_above_start = peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        kind, above_start = "peak_rss", peak - rss_before_model
     return {**case, "wall_s": round(wall, 3), "s_per_update": round(wall / config.iterations, 4),
-            "peak_bytes": peak, "peak_kind": kind, "peak_above_start_bytes": peak_above_start,
+            "peak_bytes": peak, "peak_kind": kind, "peak_above_start_bytes": above_start,
             "device_name": _device_name(device)}
 
 
@@ -127,29 +132,76 @@ def measure(case: dict) -> dict:
 
 
 def full_size_cases(family: str, device: str, dtype: str, resolution: int, iterations: int, sample_steps: int) -> list[dict]:
-    """esd-x (full rank) and esd-u (rank 8), each fast, reference and two-UNet baseline."""
-    base = dict(family=family, device=device, dtype=dtype, resolution=resolution, iterations=iterations, sample_steps=sample_steps)
+    """esd-x (full rank) and esd-u (rank 8), each fast and reference, plus the two-UNet baseline of each method."""
     cases = []
     for method, rank in (("esd-x", 0), ("esd-u", 8)):
-        for mode in ("fast", "reference", "two-unet"):
-            cases.append({**base, "method": method, "rank": 0 if mode == "two-unet" else rank, "mode": mode})
+        config = dict(concept="an erased concept", method=method, iterations=iterations, lr=1e-5, sample_steps=sample_steps, seed=0)
+        base = dict(family=family, device=device, dtype=dtype, resolution=resolution, label=method)
+        cases.append({**base, "config": {**config, "mode": "fast", "rank": rank}})
+        cases.append({**base, "config": {**config, "mode": "reference", "rank": rank}})
+        cases.append({**base, "config": {**config, "mode": "reference"}, "baseline": "two-unet"})
     return cases
 
 
-def summarize_full_size(results: list[dict]) -> list[dict]:
-    """Memory and time ratios against the two-UNet baseline, per method."""
+def tiny_world_bench(concept: str, device: str, iterations: int | None, n: int) -> dict:
+    """Reference and fast erasures of one tiny-world concept (same seeds and update budget), timed and evaluated."""
+    from .presets import TINY_WORLD
+    from .tinyworld import world
+    from .tinyworld.evaluate import evaluate
+
+    concept = world.canonical(concept)
+    method = "esd-u" if world.kind_of(concept) == "shape" else "esd-x"
+    config = {**TINY_WORLD, "concept": concept, "method": method, "seed": 0}
+    if iterations:
+        config["iterations"] = iterations
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for mode in ("reference", "fast"):
+            case = dict(model=str(world.DEFAULT_MODEL_DIR), device=device, dtype="fp32", config={**config, "mode": mode},
+                        out=os.path.join(folder, f"{mode}.safetensors"))
+            result = measure(case)
+            result["evaluation"] = evaluate(None, concept, case["out"], n=n, seed=0)["summary"]
+            del result["out"]
+            results.append(result)
+    return {"cases": results, "summary": summarize(results)}
+
+
+def case_name(case: dict) -> str:
+    config = case["config"]
+    rank = f" rank {config['rank']}" if config.get("rank") else ""
+    return f"{config['method']}{rank} {case.get('baseline') or config['mode']}"
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Per case: time per update and memory, as ratios to the same method's reference and two-UNet runs."""
     rows = []
-    for method in sorted({r["method"] for r in results}):
-        by_mode = {r["mode"]: r for r in results if r["method"] == method}
-        baseline = by_mode["two-unet"]
-        for mode in ("fast", "reference"):
-            row = by_mode[mode]
-            rows.append({
-                "method": method, "rank": row["rank"], "mode": mode,
-                "memory_vs_two_unet": round(row["peak_bytes"] / baseline["peak_bytes"], 3),
-                "time_vs_reference": round(row["s_per_update"] / by_mode["reference"]["s_per_update"], 3),
-            })
+    for result in results:
+        same = [r for r in results if r["config"]["method"] == result["config"]["method"] and r.get("family") == result.get("family")]
+        reference = next(r for r in same if r["config"]["mode"] == "reference" and not r.get("baseline"))
+        baseline = next((r for r in same if r.get("baseline") == "two-unet"), None)
+        row = {"case": case_name(result), "family": result.get("family", "tiny world"), "device": result["device_name"],
+               "s_per_update": result["s_per_update"], "peak_gib": round(result["peak_bytes"] / 2**30, 3),
+               "peak_above_start_gib": round(result["peak_above_start_bytes"] / 2**30, 3),
+               "time_vs_reference": round(result["wall_s"] / reference["wall_s"], 3)}
+        if "evaluation" in result:
+            before, after = result["evaluation"]["before"], result["evaluation"]["after"]
+            row.update({"erased_before": round(before["erased"], 3), "erased_after": round(after["erased"], 3),
+                        "synonym_after": round(after["synonym"], 3), "others_before": round(before["others_mean"], 3),
+                        "others_after": round(after["others_mean"], 3)})
+        if baseline:
+            row["memory_vs_two_unet"] = round(result["peak_bytes"] / baseline["peak_bytes"], 3)
+            row["memory_above_start_vs_two_unet"] = round(result["peak_above_start_bytes"] / baseline["peak_above_start_bytes"], 3)
+        rows.append(row)
     return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table of summarize()'s rows."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    widths = {c: max(len(c), *(len(str(row.get(c, ""))) for row in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns) for row in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

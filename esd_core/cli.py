@@ -1,9 +1,11 @@
-"""Command line: ``esd-erase erase | apply | info`` (also ``python -m esd_core``)."""
+"""Command line: ``esd-erase erase | apply | info | eval | demo | bench`` (also ``python -m esd_core``)."""
 
 import argparse
+import json
 import os
 import shutil
 import sys
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -11,8 +13,10 @@ from tqdm.auto import tqdm
 from .config import MODES, SAMPLE_WITH_CHOICES, EraseConfig
 from .erasure_file import SAVE_DTYPES, ErasureDelta, summary, write_atomically
 from .methods import TRAIN_METHODS, method_choices
+from .presets import PAPER, TINY_WORLD, defaults_for
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRESET_FIELDS = tuple(PAPER)
 
 
 def pick_device(name: str) -> torch.device:
@@ -33,42 +37,51 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="diffusers model folder, or a single-file .safetensors/.ckpt checkpoint")
+    parser.add_argument("--model", help="diffusers model folder, or a single-file .safetensors/.ckpt checkpoint (default: the shipped tiny world)")
     parser.add_argument("--config", help="for a single-file checkpoint: a diffusers folder of the same family (needed offline)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="UNet and text-encoder precision (auto: bf16 on GPU, fp32 on CPU)")
 
 
+def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
+    """Everything that shapes the training, shared by ``erase`` and ``demo``."""
+    parser.add_argument("--method", choices=method_choices(), metavar="METHOD", help="which weights to train (see below); erase: esd-x; demo: esd-u for a shape, esd-x for a colour")
+    parser.add_argument("--erase-from", default="", help="erase the concept from this text instead of from itself (one, or one per concept)")
+    parser.add_argument("--iterations", type=int, help=f"updates (paper: {PAPER['iterations']}; tiny world: {TINY_WORLD['iterations']})")
+    parser.add_argument("--lr", type=float, help=f"Adam learning rate (paper: {PAPER['lr']}; tiny world: {TINY_WORLD['lr']})")
+    parser.add_argument("--eta", type=float, help="negative guidance, the paper's eta (paper: 1.0; esd_sd.py's 2.0 equals 1.0 here)")
+    parser.add_argument("--sample-steps", type=int, help="DDIM steps of the x_t sampling schedule (paper: 50)")
+    parser.add_argument("--sample-guidance", type=float, help="classifier-free guidance while sampling x_t (paper: 3.0)")
+    parser.add_argument("--sample-with", default="trained", choices=SAMPLE_WITH_CHOICES, help="sample x_t with the model being trained (paper) or the frozen one")
+    parser.add_argument("--mode", default="fast", choices=MODES, help="fast (default): one sampled trajectory serves several updates; reference: a fresh trajectory per update, as the paper")
+    parser.add_argument("--reuse", type=int, default=0, help="fast mode: updates per sampled trajectory, i.e. the staleness bound (default 0: one per sampling step)")
+    parser.add_argument("--rank", type=int, default=0, help="0: full-rank deltas; r > 0: LoRA-style rank-r factors (for esd-u/esd-all memory)")
+    parser.add_argument("--resolution", type=int, help="training image size in pixels (default: the UNet's native size)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-dtype", default="fp16", choices=tuple(SAVE_DTYPES), help="precision of the written deltas")
+
+
+METHODS_EPILOG = "methods:\n" + "\n".join(f"  {name:14s} {description}" for name, (description, _) in TRAIN_METHODS.items())
+
+ERASE_DESCRIPTION = (
+    "Train an erasure delta. For any model the paper's settings are the defaults: 1000 iterations, lr 1e-5, "
+    "eta 1.0, 50 DDIM sampling steps at guidance 3.0, sampling with the model being trained. For the shipped "
+    f"tiny world (no --model) the defaults are tuned for it: {TINY_WORLD}.\n"
+    "To reproduce the 2025 reference script (esd_sd.py): --iterations 200 --lr 5e-5 --eta 1.0 --sample-with frozen "
+    "--mode reference --dtype bf16; its 'negative guidance 2' is our eta 1, because its eta is the paper's eta + 1."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esd-erase", description="Erase concepts from Stable Diffusion models (ESD, Gandikota et al. 2023).")
     commands = parser.add_subparsers(dest="command", required=True)
+    formatter = argparse.RawDescriptionHelpFormatter
 
-    erase = commands.add_parser(
-        "erase",
-        help="train an erasure and write it as a delta file",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train an erasure delta. The paper's settings are the defaults: 1000 iterations, lr 1e-5, eta 1.0, "
-        "50 DDIM sampling steps at guidance 3.0, sampling with the model being trained.\n"
-        "To reproduce the 2025 reference script (esd_sd.py): --iterations 200 --lr 5e-5 --eta 1.0 --sample-with frozen "
-        "--dtype bf16; its 'negative guidance 2' is our eta 1, because its eta is the paper's eta + 1.\n\n"
-        "methods:\n" + "\n".join(f"  {name:14s} {description}" for name, (description, _) in TRAIN_METHODS.items()),
-    )
+    erase = commands.add_parser("erase", help="train an erasure and write it as a delta file", formatter_class=formatter,
+                                description=ERASE_DESCRIPTION, epilog=METHODS_EPILOG)
     _add_model_arguments(erase)
     erase.add_argument("--concept", required=True, help="text to erase; comma-separate several")
-    erase.add_argument("--erase-from", default="", help="erase the concept from this text instead of from itself (one, or one per concept)")
-    erase.add_argument("--method", default="esd-x", choices=method_choices(), metavar="METHOD", help="which weights to train (see below); default esd-x")
-    erase.add_argument("--iterations", type=int, default=1000, help="updates (paper: 1000)")
-    erase.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (paper: 1e-5)")
-    erase.add_argument("--eta", type=float, default=1.0, help="negative guidance, the paper's eta (paper: 1.0; esd_sd.py's 2.0 equals 1.0 here)")
-    erase.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the x_t sampling schedule (paper: 50)")
-    erase.add_argument("--sample-guidance", type=float, default=3.0, help="classifier-free guidance while sampling x_t (paper: 3.0)")
-    erase.add_argument("--sample-with", default="trained", choices=SAMPLE_WITH_CHOICES, help="sample x_t with the model being trained (paper) or the frozen one")
-    erase.add_argument("--mode", default="fast", choices=MODES, help="fast: one sampled trajectory serves several updates (default); reference: a fresh trajectory per update, as the paper")
-    erase.add_argument("--reuse", type=int, default=0, help="fast mode: updates per sampled trajectory, i.e. the staleness bound (default 0: one per sampling step)")
-    erase.add_argument("--rank", type=int, default=0, help="0: full-rank deltas; r > 0: LoRA-style rank-r factors (for esd-u/esd-all memory)")
-    erase.add_argument("--resolution", type=int, help="training image size in pixels (default: the UNet's native size)")
-    erase.add_argument("--seed", type=int, default=0)
-    erase.add_argument("--save-dtype", default="fp16", choices=tuple(SAVE_DTYPES), help="precision of the written deltas")
+    _add_erase_arguments(erase)
     erase.add_argument("--out", required=True, help="where to write the .safetensors delta")
 
     apply = commands.add_parser("apply", help="write a model with an erasure applied")
@@ -79,28 +92,71 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="print an erasure file's metadata and tensors")
     info.add_argument("file")
+
+    evaluate = commands.add_parser("eval", help="tiny world: measure an erasure (rates before/after, intervals, grid)")
+    evaluate.add_argument("--model", help="a tiny-world pipeline folder (default: the shipped one)")
+    evaluate.add_argument("--delta", help="the erasure to measure (without it: the base model only)")
+    evaluate.add_argument("--concept", required=True, help="the erased shape or colour, e.g. circle or red")
+    evaluate.add_argument("--n", type=int, default=64, help="images per prompt group")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--strength", type=float, default=1.0)
+    evaluate.add_argument("--json", help="write the numbers here too")
+    evaluate.add_argument("--grid", help="before/after PNG grid (default: next to --json, or none)")
+
+    demo = commands.add_parser("demo", help="erase a concept from the shipped tiny world, then measure it (the README's first command)",
+                               formatter_class=formatter, epilog=METHODS_EPILOG)
+    _add_model_arguments(demo)
+    demo.add_argument("--concept", default="circle", help="a shape or colour of the tiny world")
+    _add_erase_arguments(demo)
+    demo.add_argument("--n", type=int, default=64, help="images per prompt group in the evaluation")
+    demo.add_argument("--out-dir", default="esd-demo", help="where the delta, JSON and grid go")
+
+    bench = commands.add_parser("bench", help="time and memory: fast vs reference (vs a two-UNet baseline); prints JSON")
+    bench.add_argument("--random-weights", nargs="*", choices=("sd1", "sd2", "sdxl"), help="full-size UNets of these families with random weights")
+    bench.add_argument("--tiny-world", action="store_true", help="the shipped tiny world, with its evaluation")
+    bench.add_argument("--concept", default="circle", help="tiny world: the concept to erase")
+    bench.add_argument("--iterations", type=int, help="updates per case (random weights default 4; tiny world: its preset)")
+    bench.add_argument("--resolution", type=int, default=256, help="random weights: image size in pixels")
+    bench.add_argument("--sample-steps", type=int, default=50)
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    bench.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
+    bench.add_argument("--n", type=int, default=64, help="tiny world: images per prompt group")
+    bench.add_argument("--json", help="write all figures here")
     return parser
 
 
-def run_erase(args) -> None:
+def erase_config(args, concept: str, method: str) -> EraseConfig:
+    """An EraseConfig from parsed arguments, filling what was left out from the model's defaults."""
+    preset = defaults_for(args.model)
+    chosen = {field: getattr(args, field) if getattr(args, field) is not None else preset[field] for field in PRESET_FIELDS}
+    return EraseConfig(
+        concept=concept, erase_from=args.erase_from, method=method, sample_with=args.sample_with,
+        mode=args.mode, reuse=args.reuse, rank=args.rank, seed=args.seed, **chosen,
+    )
+
+
+def train_with_progress(args, config: EraseConfig) -> ErasureDelta:
+    """Load the model and run the erasure with a tqdm bar showing the running loss."""
     from .diffusers_host import DiffusersHost, load_pipeline
     from .esd import erase
+    from .tinyworld.world import DEFAULT_MODEL_DIR
 
-    config = EraseConfig(
-        concept=args.concept, erase_from=args.erase_from, method=args.method, iterations=args.iterations,
-        lr=args.lr, eta=args.eta, sample_steps=args.sample_steps, sample_guidance=args.sample_guidance,
-        sample_with=args.sample_with, mode=args.mode, reuse=args.reuse, rank=args.rank, seed=args.seed,
-    )
-    _check_output_path(args.out, ".safetensors")
     device = pick_device(args.device)
-    pipeline = load_pipeline(args.model, args.config, pick_dtype(args.dtype, device), with_vae=False)
+    model = args.model or str(DEFAULT_MODEL_DIR)
+    pipeline = load_pipeline(model, args.config, pick_dtype(args.dtype, device), with_vae=False)
     host = DiffusersHost(pipeline, device, args.resolution)
     with tqdm(total=config.iterations, desc=f"erasing {config.concept!r}", unit="it") as bar:
         def progress(iteration: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4g}")
             bar.update(1)
 
-        erasure = erase(host, config, progress)
+        return erase(host, config, progress)
+
+
+def run_erase(args) -> None:
+    config = erase_config(args, args.concept, args.method or "esd-x")
+    _check_output_path(args.out, ".safetensors")
+    erasure = train_with_progress(args, config)
     erasure.save(args.out, SAVE_DTYPES[args.save_dtype])
     print(f"wrote {args.out}: {erasure.describe()}, {erasure.metadata['trained_parameters']} parameters")
 
@@ -108,12 +164,13 @@ def run_erase(args) -> None:
 def run_apply(args) -> None:
     from .apply import apply_delta
     from .diffusers_host import load_pipeline
+    from .tinyworld.world import DEFAULT_MODEL_DIR
 
     delta = ErasureDelta.load(args.delta)
     if os.path.exists(args.out):
         raise ValueError(f"{args.out!r} already exists; choose a new --out or remove it first.")
     device = pick_device(args.device)
-    pipeline = load_pipeline(args.model, args.config, pick_dtype(args.dtype, device))
+    pipeline = load_pipeline(args.model or str(DEFAULT_MODEL_DIR), args.config, pick_dtype(args.dtype, device))
     apply_delta(pipeline.unet, delta, args.strength)
     if args.out.endswith(".safetensors"):
         from safetensors.torch import save_file
@@ -130,6 +187,62 @@ def run_apply(args) -> None:
     print(f"wrote {args.out}: {delta.describe()} at strength {args.strength}")
 
 
+def run_eval(args) -> dict:
+    from .tinyworld.evaluate import evaluate, format_table
+
+    grid = args.grid or (os.path.splitext(args.json)[0] + "-grid.png" if args.json else None)
+    result = evaluate(args.model, args.concept, args.delta, n=args.n, seed=args.seed, grid_path=grid, strength=args.strength)
+    print(format_table(result))
+    if args.json:
+        write_atomically(args.json, lambda temp: _write_json(temp, result))
+        print(f"wrote {args.json}")
+    if grid:
+        print(f"wrote {grid}")
+    return result
+
+
+def run_demo(args) -> None:
+    """Erase one tiny-world concept with the tuned defaults, write the delta, print the table, write the grid."""
+    from .tinyworld import world
+
+    start = time.perf_counter()
+    concept = world.canonical(args.concept)
+    method = args.method or ("esd-u" if world.kind_of(concept) == "shape" else "esd-x")
+    config = erase_config(args, concept, method)
+    delta_path = os.path.join(args.out_dir, f"erase-{concept}-{config.method}.safetensors")
+    erasure = train_with_progress(args, config)
+    erasure.save(delta_path, SAVE_DTYPES[args.save_dtype])
+    print(f"wrote {delta_path}: {erasure.describe()} in {time.perf_counter() - start:.0f} s")
+    json_path = os.path.join(args.out_dir, f"erase-{concept}-{config.method}.json")
+    eval_args = argparse.Namespace(model=args.model, delta=delta_path, concept=concept, n=args.n, seed=0, strength=1.0, json=json_path, grid=None)
+    run_eval(eval_args)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+
+
+def run_bench(args) -> None:
+    from .bench import full_size_cases, measure, summarize, format_rows, tiny_world_bench
+
+    device = str(pick_device(args.device))
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    report = {"device": device, "dtype": dtype}
+    for family in args.random_weights or []:
+        cases = full_size_cases(family, device, dtype, args.resolution, args.iterations or 4, args.sample_steps)
+        results = [measure(case) for case in tqdm(cases, desc=f"{family} cases")]
+        report[family] = {"cases": results, "summary": summarize(results)}
+        print(format_rows(report[family]["summary"]))
+    if args.tiny_world:
+        report["tiny_world"] = tiny_world_bench(args.concept, device, args.iterations, args.n)
+        print(format_rows(report["tiny_world"]["summary"]))
+    if args.json:
+        write_atomically(args.json, lambda temp: _write_json(temp, report))
+        print(f"wrote {args.json}")
+
+
+def _write_json(path: str, data) -> None:
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=2)
+
+
 def _check_output_path(path: str, suffix: str) -> None:
     if not path.endswith(suffix):
         raise ValueError(f"--out {path!r} should end with {suffix}.")
@@ -138,11 +251,20 @@ def _check_output_path(path: str, suffix: str) -> None:
         raise ValueError(f"Cannot write to the folder {folder!r}; choose another --out.")
 
 
+COMMANDS = {
+    "erase": run_erase,
+    "apply": run_apply,
+    "info": lambda args: print(summary(ErasureDelta.load(args.file))),
+    "eval": run_eval,
+    "demo": run_demo,
+    "bench": run_bench,
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"erase": run_erase, "apply": run_apply, "info": lambda a: print(summary(ErasureDelta.load(a.file)))}
     try:
-        handlers[args.command](args)
+        COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was written", file=sys.stderr)
         return 130
