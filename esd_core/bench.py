@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from .config import EraseConfig
 from .cli import DTYPES
 from .diffusers_host import DiffusersHost, load_pipeline
-from .esd import _Run, erase, reference_examples, train_erasure, update
+from .esd import TrainingRun, erase, reference_examples, train_erasure, update
 from .methods import layer_tensors, select_parameters
 from .model_configs import FULL_SIZE_UNET_CONFIGS, SD_SCHEDULE, TEXT_SHAPES
 from .trainable import TrainableDelta
@@ -68,7 +68,7 @@ def train_two_unet_baseline(host: TwoUNetHost, config: EraseConfig) -> None:
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(parameters, lr=config.lr, foreach=False)
-    run = _Run(host, host.switch, config, torch.Generator().manual_seed(config.seed))
+    run = TrainingRun(host, host.switch, config, torch.Generator().manual_seed(config.seed))
     examples = reference_examples(run)
     for iteration in range(config.iterations):
         update(run, optimizer, next(examples), iteration)

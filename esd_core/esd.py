@@ -52,7 +52,7 @@ def esd_target(e0: torch.Tensor, ec: torch.Tensor, ef: torch.Tensor | None, eta:
     return anchor - eta * (ec - e0)
 
 
-class _Run:
+class TrainingRun:
     """What both modes share: the host, the delta, the encoded prompts, the schedule and the random stream."""
 
     def __init__(self, host: ErasureHost, delta: TrainableDelta, config: EraseConfig, generator: torch.Generator):
@@ -87,7 +87,7 @@ class _Run:
         return list(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta))
 
 
-def reference_examples(run: _Run) -> Iterator[TrainingExample]:
+def reference_examples(run: TrainingRun) -> Iterator[TrainingExample]:
     """The paper's loop: a fresh partial trajectory, from fresh noise, for every update."""
     while True:
         concept, source = run.draw_pair()
@@ -95,7 +95,7 @@ def reference_examples(run: _Run) -> Iterator[TrainingExample]:
         yield TrainingExample(x_t, timestep, source, run.targets([(x_t, timestep)], concept, source)[0])
 
 
-def reused_trajectory_examples(run: _Run) -> Iterator[TrainingExample]:
+def reused_trajectory_examples(run: TrainingRun) -> Iterator[TrainingExample]:
     """Fast mode: one trajectory, ``reuse`` distinct step counts on it (uniform, in random order), one update each."""
     steps = run.config.sample_steps
     reuse = min(run.config.reuse or steps, steps)
@@ -113,7 +113,7 @@ def reused_trajectory_examples(run: _Run) -> Iterator[TrainingExample]:
 EXAMPLE_SOURCES = {"reference": reference_examples, "fast": reused_trajectory_examples}
 
 
-def update(run: _Run, optimizer: torch.optim.Optimizer, example: TrainingExample, iteration: int) -> float:
+def update(run: TrainingRun, optimizer: torch.optim.Optimizer, example: TrainingExample, iteration: int) -> float:
     """One optimizer step on the MSE between the trained prediction and the example's target; returns the loss."""
     with run.delta.switched(True):
         prediction = run.host.predict_eps(example.x_t, example.timestep, [run.conds[example.source]])[0]
@@ -134,7 +134,7 @@ def train_erasure(host: ErasureHost, config: EraseConfig, progress: ProgressCall
     generator = torch.Generator().manual_seed(config.seed)
     delta = TrainableDelta(select_parameters(host.layer_tensors(), config.method), config.rank, generator)
     optimizer = torch.optim.Adam(delta.parameters(), lr=config.lr, foreach=False)  # no per-step copies of the state
-    run = _Run(host, delta, config, generator)
+    run = TrainingRun(host, delta, config, generator)
 
     with host.attach(delta):
         examples = EXAMPLE_SOURCES[config.mode](run)

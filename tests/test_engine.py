@@ -141,12 +141,12 @@ def test_reference_mode_draws_a_fresh_trajectory_per_update(tiny_folders):
 
 
 def test_fast_mode_uses_distinct_uniform_steps_of_one_trajectory(tiny_folders):
-    from esd_core.esd import _Run, reused_trajectory_examples
+    from esd_core.esd import TrainingRun, reused_trajectory_examples
     from esd_core.trainable import TrainableDelta
 
     host = host_for(tiny_folders["sd1"])
     config = quick_config(sample_steps=10, reuse=10)
-    run = _Run(host, TrainableDelta({}), config, torch.Generator().manual_seed(0))
+    run = TrainingRun(host, TrainableDelta({}), config, torch.Generator().manual_seed(0))
     examples = reused_trajectory_examples(run)
     timesteps = [next(examples).timestep for _ in range(10)]
     assert sorted(timesteps) == sorted(int(t) for t in run.scheduler.timesteps)  # each step count exactly once
@@ -154,11 +154,11 @@ def test_fast_mode_uses_distinct_uniform_steps_of_one_trajectory(tiny_folders):
 
 
 def test_batched_frozen_targets_equal_one_at_a_time(tiny_folders):
-    from esd_core.esd import _Run
+    from esd_core.esd import TrainingRun
     from esd_core.trainable import TrainableDelta
 
     host = host_for(tiny_folders["sd1"])
-    run = _Run(host, TrainableDelta({}), quick_config(erase_from="blue", sample_steps=6), torch.Generator().manual_seed(0))
+    run = TrainingRun(host, TrainableDelta({}), quick_config(erase_from="blue", sample_steps=6), torch.Generator().manual_seed(0))
     states = run.trajectory("blue", 5)
     batched = run.targets(states, "red", "blue")
     single = [run.targets([state], "red", "blue")[0] for state in states]
