@@ -299,8 +299,9 @@ class LoadErasedUNet(io.ComfyNode):
             raise ValueError(f"Pick a file from the list (models/{FOLDER} or models/diffusion_models), got {unet_file!r}.")
         path = folder_paths.get_full_path_or_raise(folder, name)
         unet_config = model.model.model_config.unet_config
-        reference = list(comfy.utils.unet_to_diffusers(unet_config).keys())
         model_tensors = unet_tensors(model)
+        # the model's own diffusers names, so a partial file is mapped with the whole layout in view
+        reference = [d for d, ldm in comfy.utils.unet_to_diffusers(unet_config).items() if ldm in model_tensors]
         try:
             tensors, naming = load_unet_weights(path, model_tensors, diffusers_config(unet_config, is_sdxl(model)), reference)
         except UnetFileError as error:

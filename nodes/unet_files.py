@@ -128,9 +128,13 @@ def to_ldm_names(tensors: dict, naming: str, config: dict, reference_names=()) -
     so that a partial file is mapped with the whole UNet's layout in view."""
     if naming == "ldm":
         return dict(tensors)
-    names = set(tensors) | set(reference_names)
     try:
-        mapping = diffusers_to_ldm_names(names, config)
+        try:
+            mapping = diffusers_to_ldm_names(set(tensors) | set(reference_names), config)
+        except ValueError:
+            if not reference_names:
+                raise
+            mapping = diffusers_to_ldm_names(set(tensors), config)
     except ValueError as error:
         raise UnetFileError(f"Cannot map the file's diffusers names onto this model: {error}") from error
     return {mapping[name]: tensor for name, tensor in tensors.items()}

@@ -1,0 +1,227 @@
+"""The pack's nodes inside a real ComfyUI (in-process, CPU, tiny SD1.5-shaped checkpoint), next to stock nodes.
+
+Needs ComfyUI (COMFYUI_PATH); skips otherwise.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import comfy_env  # noqa: E402
+
+comfy_env.require_comfyui()
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = comfy_env.in_process_comfy()
+    env["ckpt_name"] = comfy_env.install_checkpoint(env["base"])
+    env["erasures"] = os.path.join(env["base"], "models", "erasures")
+    # the stock LoRA loader reads our delta files straight from models/erasures
+    env["folder_paths"].add_model_folder_path("loras", env["erasures"])
+    return env
+
+
+@pytest.fixture(scope="module")
+def loaded(env):
+    with torch.inference_mode():
+        model, clip, vae = env["nodes"].CheckpointLoaderSimple().load_checkpoint(env["ckpt_name"])
+    return model, clip
+
+
+def sample(env, model, clip, seed=11) -> torch.Tensor:
+    nodes = env["nodes"]
+    with torch.inference_mode():
+        positive = nodes.CLIPTextEncode().encode(clip, "a cat on a mat")[0]
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        out = nodes.common_ksampler(model, seed, 3, 4.0, "euler", "normal", positive, negative, latent)[0]
+    return out["samples"].clone()
+
+
+@pytest.fixture(scope="module")
+def trained(env, loaded):
+    model, clip = loaded
+    before = sample(env, model, clip)
+    with torch.inference_mode():
+        erased, erasure, curve = env["node"]["ESDEraseConcept"].execute(
+            model=model, clip=clip, concept="cat", method="esd-x", iterations=3, learning_rate=2e-3,
+            negative_guidance=1.0, sample_steps=4, sample_guidance=3.0, seed=1, resolution=64,
+        ).args
+    return before, erased, erasure
+
+
+def test_display_names_and_tooltips(env):
+    expected = {
+        "ESDEraseConcept": "Erase Concept (Train)", "ESDSaveErasure": "Save Erasure Delta",
+        "ESDApplyErasure": "Apply Erasure Delta", "ESDLoadErasedUNet": "Load Erased UNet",
+    }
+    for node_id, name in expected.items():
+        assert env["nodes"].NODE_DISPLAY_NAME_MAPPINGS[node_id] == name
+        info = env["node"][node_id].GET_NODE_INFO_V1()
+        assert info["category"].startswith("conditioning/erasure")
+        for section in ("required", "optional"):
+            for input_name, spec in info["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{input_name} has no tooltip"
+
+
+def test_sampling_the_original_after_training_is_bit_identical(env, loaded, trained):
+    model, clip = loaded
+    before, erased, erasure = trained
+    assert torch.equal(sample(env, model, clip), before)
+    assert not torch.equal(sample(env, erased, clip), before), "the erased model samples exactly like the original"
+    assert torch.equal(sample(env, model, clip), before)  # and again after the erased clone was loaded
+
+
+def test_saved_delta_applies_like_the_stock_lora_loader(env, loaded, trained):
+    model, clip = loaded
+    before, erased, erasure = trained
+    path = env["node"]["ESDSaveErasure"].execute(erasure=erasure, filename_prefix="tests/cat", dtype="fp32").args[0]
+    assert os.path.dirname(path) == os.path.join(env["erasures"], "tests") and path.endswith("_00001.safetensors")
+    name = os.path.relpath(path, env["erasures"]).replace(os.sep, "/")
+    assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".partial")]
+
+    saved = type(erasure).load(path)
+    assert saved.metadata["concept"] == "cat" and saved.metadata["base_family"] == "sd1"
+    assert set(saved.deltas) == set(erasure.deltas)
+
+    with torch.inference_mode():
+        applied = env["node"]["ESDApplyErasure"].execute(model=model, erasure_file=name, strength=1.0).args[0]
+        stock = env["nodes"].LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0]
+        zero = env["node"]["ESDApplyErasure"].execute(model=model, erasure_file=name, strength=0.0).args[0]
+    with_ours = sample(env, applied, clip)
+    assert torch.equal(with_ours, sample(env, stock, clip))
+    assert torch.equal(with_ours, sample(env, erased, clip))  # fp32 file = the trained model exactly
+    assert not torch.equal(with_ours, before)
+    assert torch.equal(sample(env, zero, clip), before)
+    assert torch.equal(sample(env, model, clip), before)
+
+    second = env["node"]["ESDSaveErasure"].execute(erasure=erasure, filename_prefix="tests/cat", dtype="fp16").args[0]
+    assert second.endswith("_00002.safetensors")
+
+
+def test_apply_refuses_a_delta_for_another_family_or_shape(env, loaded, trained):
+    model, _ = loaded
+    _, _, erasure = trained
+    apply = env["node"]["ESDApplyErasure"]
+    other_family = type(erasure)(dict(erasure.deltas), {**erasure.metadata, "base_family": "sdxl"})
+    with pytest.raises(ValueError, match="sdxl"):
+        apply.execute(model=model, erasure_file="none", strength=1.0, erasure=other_family)
+    name = next(iter(erasure.deltas))
+    wrong_shape = type(erasure)({name: torch.zeros(3, 3)}, dict(erasure.metadata))
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        apply.execute(model=model, erasure_file="none", strength=1.0, erasure=wrong_shape)
+    with pytest.raises(ValueError, match="erasure_file"):
+        apply.execute(model=model, erasure_file="none", strength=1.0)
+
+
+def test_bad_training_inputs_give_clear_errors(env, loaded):
+    model, clip = loaded
+    erase = env["node"]["ESDEraseConcept"]
+    common = dict(model=model, clip=clip, method="esd-x", iterations=1, learning_rate=1e-5, negative_guidance=1.0,
+                  sample_steps=2, sample_guidance=3.0, seed=0, resolution=64)
+    with pytest.raises(ValueError, match="concept is empty"):
+        erase.execute(concept=" , ", **common)
+    with pytest.raises(ValueError, match="erase_from"):
+        erase.execute(concept="a, b, c", erase_from="x, y", **common)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        erase.execute(concept="cat", **{**common, "resolution": 60})
+
+
+# --- Load Erased UNet ----------------------------------------------------------------------------------------
+
+def _unet_in_both_namings():
+    """The checkpoint's UNet as (diffusers state dict, {diffusers name: ldm name})."""
+    unet = comfy_env.tiny_diffusers_unet()
+    keys = comfy_env.pack_module("esd_core.keys")
+    state = unet.state_dict()
+    return state, keys.diffusers_to_ldm_names(state.keys(), dict(unet.config))
+
+
+def _write_layouts(folder: str) -> dict:
+    """Every published ESD layout, built from the tiny UNet with changed values; file -> {ldm name: expected}."""
+    state, to_ldm = _unet_in_both_namings()
+    changed = {k: v + 0.25 for k, v in state.items()}
+    attn2 = [k for k in state if "attn2" in k]
+    kv = [k for k in attn2 if ".to_k." in k or ".to_v." in k]
+    expected = {}
+
+    torch.save(changed, os.path.join(folder, "diffusers-cat-ESDx1-UNET.pt"))  # full, diffusers names
+    expected["diffusers-cat-ESDx1-UNET.pt"] = {to_ldm[k]: changed[k] for k in state}
+
+    compvis = {f"model.diffusion_model.{to_ldm[k]}": changed[k] for k in state}
+    compvis["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 4, 3, 3)
+    compvis["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.zeros(768)
+    torch.save({"state_dict": compvis, "global_step": 1000}, os.path.join(folder, "compvis-cat.ckpt"))
+    expected["compvis-cat.ckpt"] = {to_ldm[k]: changed[k] for k in state}
+
+    partial = {k: changed[k].to(torch.bfloat16).contiguous() for k in kv}  # 2025 script: partial, bf16, no prefix
+    save_file(partial, os.path.join(folder, "esd-cat-from-cat-esdx.safetensors"))
+    expected["esd-cat-from-cat-esdx.safetensors"] = {to_ldm[k]: partial[k].float() for k in kv}
+
+    nested = {}
+    for k in attn2:  # older script: {'unet.<module>': {'weight': ..., 'bias': ...}}
+        module, kind = k.rsplit(".", 1)
+        nested.setdefault(f"unet.{module}", {})[kind] = changed[k]
+    torch.save(nested, os.path.join(folder, "nested-cat.pt"))
+    expected["nested-cat.pt"] = {to_ldm[k]: changed[k] for k in attn2}
+
+    prefixed = {f"diffusion_model.{to_ldm[k]}": changed[k] for k in kv}
+    save_file(prefixed, os.path.join(folder, "ldm-prefixed.safetensors"))
+    expected["ldm-prefixed.safetensors"] = {to_ldm[k]: changed[k] for k in kv}
+    return expected
+
+
+def _weights_after_load(patcher) -> dict:
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+
+
+def test_load_erased_unet_reads_every_published_layout(env, loaded):
+    model, clip = loaded
+    expected_by_file = _write_layouts(env["erasures"])
+    original = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    before = sample(env, model, clip)
+    loader = env["node"]["ESDLoadErasedUNet"]
+    for file_name, expected in expected_by_file.items():
+        with torch.inference_mode():
+            patched, report = loader.execute(model=model, unet_file=f"erasures/{file_name}").args
+        assert f"Replaced {len(expected)} of {len(original)}" in report, report
+        weights = _weights_after_load(patched)
+        for name, tensor in weights.items():
+            if name in expected:
+                assert torch.equal(tensor, expected[name].to(tensor.dtype).reshape(tensor.shape)), (file_name, name)
+            else:
+                assert torch.equal(tensor, original[name]), (file_name, name)
+    assert torch.equal(sample(env, model, clip), before)  # the input MODEL is untouched
+
+
+def test_load_erased_unet_refuses_bad_files(env, loaded):
+    model, _ = loaded
+    folder = env["erasures"]
+    loader = env["node"]["ESDLoadErasedUNet"]
+    with open(os.path.join(folder, "broken.safetensors"), "wb") as handle:
+        handle.write(b"this is not a safetensors file")
+    state, to_ldm = _unet_in_both_namings()
+    wrong = {k: torch.zeros(7, 7) for k in list(state)[:3]}
+    first_wrong = sorted(to_ldm[k] for k in wrong)[0]
+    save_file(wrong, os.path.join(folder, "wrong-shapes.safetensors"))
+    save_file({"diffusion_model.input_blocks.1.1.proj_in.diff": torch.zeros(1)}, os.path.join(folder, "a-delta.safetensors"))
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(2, 2)}, os.path.join(folder, "not-a-unet.safetensors"))
+    cases = {
+        "broken.safetensors": "not a readable safetensors",
+        "wrong-shapes.safetensors": f"Shape mismatch at '{first_wrong}'",
+        "a-delta.safetensors": "Apply Erasure Delta",
+        "not-a-unet.safetensors": "No UNet tensors found",
+    }
+    for file_name, message in cases.items():
+        with pytest.raises(ValueError, match=message.replace(".", r"\.")), torch.inference_mode():
+            loader.execute(model=model, unet_file=f"erasures/{file_name}")
+    with pytest.raises(ValueError, match="Pick a file"):
+        loader.execute(model=model, unet_file="elsewhere/x.safetensors")
