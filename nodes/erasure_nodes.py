@@ -86,7 +86,7 @@ class EraseConcept(io.ComfyNode):
                     tooltip="The text to erase, e.g. an artist, a style or an object. Comma-separate several concepts.",
                 ),
                 io.String.Input(
-                    "erase_from", default="", optional=True,
+                    "erase_from", default="",
                     tooltip="Optional: erase the concept only from this text (e.g. erase 'red' from 'car'). "
                     "Empty: the concept itself. One text for all concepts, or one per concept (comma-separated).",
                 ),
@@ -113,29 +113,29 @@ class EraseConcept(io.ComfyNode):
                     tooltip="Classifier-free guidance scale used while sampling x_t. The paper uses 3.0.",
                 ),
                 io.Combo.Input(
-                    "sample_with", options=list(SAMPLE_WITH_CHOICES), default="trained", optional=True,
+                    "sample_with", options=list(SAMPLE_WITH_CHOICES), default="trained",
                     tooltip="Sample x_t with the model being trained (the paper) or with the frozen original (the diffusers script).",
+                ),
+                io.Combo.Input(
+                    "mode", options=list(MODES), default="fast",
+                    tooltip="fast: one sampled trajectory serves several updates (same distribution of x_t and t, far "
+                    "less sampling); reference: a fresh trajectory for every update, as in the paper.",
+                ),
+                io.Int.Input(
+                    "reuse", default=0, min=0, max=1000,
+                    tooltip="fast mode: updates per sampled trajectory. 0: one per sampling step.",
+                ),
+                io.Int.Input(
+                    "rank", default=0, min=0, max=1024,
+                    tooltip="0: full-rank deltas (the paper). r > 0: each matrix delta is a rank-r product, which "
+                    "keeps esd-u / esd-all from needing a second UNet's worth of optimizer memory.",
                 ),
                 io.Int.Input(
                     "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                     tooltip="Seed for the concept order, step counts and noise; the same seed gives the same erasure.",
                 ),
-                io.Combo.Input(
-                    "mode", options=list(MODES), default="fast", optional=True,
-                    tooltip="fast: one sampled trajectory serves several updates (same distribution of x_t and t, far "
-                    "less sampling); reference: a fresh trajectory for every update, as in the paper.",
-                ),
                 io.Int.Input(
-                    "reuse", default=0, min=0, max=1000, optional=True,
-                    tooltip="fast mode: updates per sampled trajectory. 0: one per sampling step.",
-                ),
-                io.Int.Input(
-                    "rank", default=0, min=0, max=1024, optional=True,
-                    tooltip="0: full-rank deltas (the paper). r > 0: each matrix delta is a rank-r product, which "
-                    "keeps esd-u / esd-all from needing a second UNet's worth of optimizer memory.",
-                ),
-                io.Int.Input(
-                    "resolution", default=0, min=0, max=4096, step=8, optional=True,
+                    "resolution", default=0, min=0, max=4096, step=8,
                     tooltip="Image size (pixels) of the samples trained on. 0: the model's own (SD1 512, SD2 768, SDXL 1024); "
                     "smaller is faster.",
                 ),
@@ -150,7 +150,7 @@ class EraseConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept, method, iterations, learning_rate, negative_guidance, sample_steps,
                 sample_guidance, seed, erase_from="", sample_with="trained", mode="fast", reuse=0, rank=0,
-                resolution=0) -> io.NodeOutput:
+                resolution=0) -> io.NodeOutput:  # defaults: callers from before an input existed
         config = EraseConfig(
             concept=concept, erase_from=erase_from or "", method=method, iterations=int(iterations), lr=float(learning_rate),
             eta=float(negative_guidance), sample_steps=int(sample_steps), sample_guidance=float(sample_guidance),
@@ -195,7 +195,7 @@ class SaveErasure(io.ComfyNode):
                     tooltip="File name start, relative to models/erasures; a number and .safetensors are added.",
                 ),
                 io.Combo.Input(
-                    "dtype", options=list(SAVE_DTYPES), default="fp32", optional=True,
+                    "dtype", options=list(SAVE_DTYPES), default="fp32",
                     tooltip="Precision of the stored delta. fp32 reproduces the trained model exactly; fp16/bf16 halve the size.",
                 ),
             ],

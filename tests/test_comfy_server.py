@@ -1,0 +1,154 @@
+"""A real ComfyUI server (main.py --cpu on 127.0.0.1) with the pack: node list, example workflows, cancel.
+
+Needs ComfyUI (COMFYUI_PATH); skips otherwise.
+"""
+
+import asyncio
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import comfy_env  # noqa: E402
+import comfy_workflows  # noqa: E402
+
+comfy_env.require_comfyui()
+
+FAST = {"iterations": 2, "sample_steps": 3, "learning_rate": 1e-3, "resolution": 64}
+SMALL_SAMPLING = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
+WORKFLOW_FILES = ("erase-and-compare.json", "apply-delta.json", "load-erased-unet.json")
+
+
+@pytest.fixture(scope="module")
+def server():
+    base = comfy_env.base_directory()
+    checkpoint = comfy_env.install_checkpoint(base)
+    running = comfy_env.ComfyServer(base).start()
+    running.checkpoint = checkpoint
+    running.erasures = os.path.join(base, "models", "erasures")
+    running.object_info = running.get("/object_info")
+    yield running
+    running.stop()
+
+
+def overrides(server, **extra):
+    values = {"CheckpointLoaderSimple": {"ckpt_name": server.checkpoint}, **SMALL_SAMPLING}
+    for key, inputs in extra.items():
+        values[key] = {**values.get(key, {}), **inputs}
+    return values
+
+
+def run(server, prompt) -> dict:
+    result = server.wait(server.queue(prompt))
+    assert result["status"]["status_str"] == "success", json.dumps(result["status"], indent=1)[:4000]
+    return result
+
+
+def test_nodes_are_listed_with_display_names(server):
+    info = server.object_info
+    names = {k: info[k]["display_name"] for k in info if k.startswith("ESD")}
+    assert names == {
+        "ESDEraseConcept": "Erase Concept (Train)", "ESDSaveErasure": "Save Erasure Delta",
+        "ESDApplyErasure": "Apply Erasure Delta", "ESDLoadErasedUNet": "Load Erased UNet",
+    }
+    assert "IMPORT FAILED" not in server.log().split("esd_erasure")[0][-200:]
+    assert info["ESDEraseConcept"]["output"] == ["MODEL", "ERASURE", "IMAGE"]
+
+
+def test_example_workflows_are_in_the_template_browser_and_well_formed(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates[comfy_env.PACK_NAME]) == sorted(name[:-5] for name in WORKFLOW_FILES)
+    for name in WORKFLOW_FILES:
+        served = server.get(f"/api/workflow_templates/{comfy_env.PACK_NAME}/{name}")
+        assert served == comfy_workflows.load(name)
+        comfy_workflows.check_graph(served, server.object_info)
+
+
+def test_erase_and_compare_workflow_runs(server):
+    workflow = comfy_workflows.load("erase-and-compare.json")
+    prompt = comfy_workflows.to_api(workflow, server.object_info, overrides(
+        server, ESDEraseConcept={**FAST, "concept": "cat"}, ESDSaveErasure={"filename_prefix": "server/cat"},
+    ))
+    result = run(server, prompt)
+    files = sorted(os.listdir(os.path.join(server.erasures, "server")))
+    assert files == ["cat_00001.safetensors"]
+    images = [image for output in result["outputs"].values() for image in output.get("images", [])]
+    assert any(image["filename"].startswith("compare") for image in images), result["outputs"]
+    assert len(images) >= 2  # the side-by-side comparison and the loss curve
+
+
+def test_apply_delta_workflow_runs(server):
+    name = "server/cat_00001.safetensors"
+    if not os.path.isfile(os.path.join(server.erasures, name)):
+        pytest.skip("needs the erasure written by test_erase_and_compare_workflow_runs")
+    prompt = comfy_workflows.to_api(comfy_workflows.load("apply-delta.json"), server.object_info, overrides(
+        server, ESDApplyErasure={"erasure_file": name, "strength": 0.8},
+    ))
+    result = run(server, prompt)
+    assert any(output.get("images") for output in result["outputs"].values())
+
+
+def test_load_erased_unet_workflow_runs(server):
+    unet = {  # a partial, diffusion_model.-prefixed file: attn2 keys and values of the first block
+        f"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.{part}.weight": torch.full((320, 768), 0.01)
+        for part in ("to_k", "to_v")
+    }
+    save_file(unet, os.path.join(server.erasures, "server-partial-unet.safetensors"))
+    prompt = comfy_workflows.to_api(comfy_workflows.load("load-erased-unet.json"), server.object_info, overrides(
+        server, ESDLoadErasedUNet={"unet_file": "erasures/server-partial-unet.safetensors"},
+    ))
+    result = run(server, prompt)
+    texts = [t for output in result["outputs"].values() for t in output.get("text", [])]
+    assert any(t.startswith("Replaced 2 of ") for t in texts), result["outputs"]
+
+
+def test_cancel_stops_training_writes_nothing_and_the_server_goes_on(server):
+    import aiohttp
+
+    workflow = comfy_workflows.load("erase-and-compare.json")
+    prompt = comfy_workflows.to_api(workflow, server.object_info, overrides(
+        server, ESDEraseConcept={**FAST, "iterations": 100000, "concept": "dog", "mode": "reference"},
+        ESDSaveErasure={"filename_prefix": "cancelled/dog"},
+    ))
+    erase_id = next(k for k, v in prompt.items() if v["class_type"] == "ESDEraseConcept")
+
+    async def cancel_during_training():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url.replace('http', 'ws')}/ws?clientId=esd-tests") as ws:
+                prompt_id = server.queue(prompt)
+                progressed, interrupted_at = None, time.time()
+                deadline = time.time() + 180
+                async for message in ws:
+                    if time.time() > deadline:
+                        raise AssertionError("no progress / interruption seen in time")
+                    if message.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    event = json.loads(message.data)
+                    data = event.get("data", {})
+                    if event["type"] == "progress" and data.get("node") == erase_id and progressed is None:
+                        progressed = data["value"]
+                        interrupted_at = time.time()
+                        server.post("/interrupt")
+                    if event["type"] in ("execution_interrupted", "execution_error", "execution_success") and \
+                            data.get("prompt_id") == prompt_id:
+                        return event["type"], progressed, time.time() - interrupted_at, data
+        raise AssertionError("websocket closed")
+
+    kind, progressed, seconds, data = asyncio.run(cancel_during_training())
+    assert kind == "execution_interrupted", data
+    assert data.get("node_id") == erase_id
+    assert progressed is not None and progressed < 100000
+    assert seconds < 30, f"cancel took {seconds:.1f} s"
+    assert not os.path.exists(os.path.join(server.erasures, "cancelled"))
+
+    # the server serves the next prompt
+    prompt = comfy_workflows.to_api(workflow, server.object_info, overrides(
+        server, ESDEraseConcept={**FAST, "concept": "bird", "iterations": 1}, ESDSaveErasure={"filename_prefix": "after/bird"},
+    ))
+    run(server, prompt)
+    assert os.listdir(os.path.join(server.erasures, "after")) == ["bird_00001.safetensors"]
