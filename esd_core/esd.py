@@ -7,8 +7,9 @@ f == c, and ``ef - eta * (ec - e0)`` when erasing c from another text f.
 
 Two modes feed the same update with the same distribution of (x_t, t):
 - reference: a fresh partial trajectory for every update, as the paper does;
-- fast: one trajectory serves ``reuse`` updates, at distinct step counts drawn uniformly, so each state is
-  at most ``reuse`` updates stale; the frozen predictions for all its states run as one batch.
+- fast: one trajectory serves ``reuse`` updates, at step counts drawn uniformly (chained random
+  permutations), so no state is more than ``reuse`` updates stale; the frozen predictions for its
+  states are computed once each, in batches.
 """
 
 from collections.abc import Callable, Iterator
@@ -96,18 +97,23 @@ def reference_examples(run: TrainingRun) -> Iterator[TrainingExample]:
 
 
 def reused_trajectory_examples(run: TrainingRun) -> Iterator[TrainingExample]:
-    """Fast mode: one trajectory, ``reuse`` distinct step counts on it (uniform, in random order), one update each."""
+    """Fast mode: one trajectory serves ``reuse`` updates. The step counts are random permutations of all
+    counts, chained, so each is drawn uniformly; a ``reuse`` above ``sample_steps`` visits states again."""
     steps = run.config.sample_steps
-    reuse = min(run.config.reuse or steps, steps)
+    reuse = run.config.reuse or steps
     while True:
         concept, source = run.draw_pair()
-        chosen = torch.randperm(steps, generator=run.generator)[:reuse].tolist()
+        rounds = -(-reuse // steps)
+        chosen = torch.cat([torch.randperm(steps, generator=run.generator) for _ in range(rounds)])[:reuse].tolist()
         states = run.trajectory(source, max(chosen))
-        picked = [states[k] for k in chosen]
-        for start in range(0, len(picked), FROZEN_STATES_PER_PASS):
-            batch = picked[start : start + FROZEN_STATES_PER_PASS]
-            for (x_t, timestep), target in zip(batch, run.targets(batch, concept, source)):
-                yield TrainingExample(x_t, timestep, source, target)
+        distinct = sorted(set(chosen))
+        targets = {}
+        for start in range(0, len(distinct), FROZEN_STATES_PER_PASS):
+            batch = distinct[start : start + FROZEN_STATES_PER_PASS]
+            targets.update(zip(batch, run.targets([states[k] for k in batch], concept, source)))
+        for k in chosen:
+            x_t, timestep = states[k]
+            yield TrainingExample(x_t, timestep, source, targets[k])
 
 
 EXAMPLE_SOURCES = {"reference": reference_examples, "fast": reused_trajectory_examples}

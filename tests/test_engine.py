@@ -140,17 +140,21 @@ def test_reference_mode_draws_a_fresh_trajectory_per_update(tiny_folders):
     assert calls[-1] == 1 and calls[-2] == 2
 
 
-def test_fast_mode_uses_distinct_uniform_steps_of_one_trajectory(tiny_folders):
+@pytest.mark.parametrize("reuse", [10, 20])
+def test_fast_mode_visits_every_step_count_of_one_trajectory_per_round(tiny_folders, reuse):
     from esd_core.esd import TrainingRun, reused_trajectory_examples
     from esd_core.trainable import TrainableDelta
 
     host = host_for(tiny_folders["sd1"])
-    config = quick_config(sample_steps=10, reuse=10)
+    config = quick_config(sample_steps=10, reuse=reuse)
     run = TrainingRun(host, TrainableDelta({}), config, torch.Generator().manual_seed(0))
     examples = reused_trajectory_examples(run)
-    timesteps = [next(examples).timestep for _ in range(10)]
-    assert sorted(timesteps) == sorted(int(t) for t in run.scheduler.timesteps)  # each step count exactly once
-    assert timesteps != sorted(timesteps, reverse=True)  # in random order
+    timesteps = [next(examples).timestep for _ in range(reuse)]
+    every_count = [int(t) for t in run.scheduler.timesteps]
+    for start in range(0, reuse, 10):  # each block of 10 updates is a permutation of all step counts
+        block = timesteps[start : start + 10]
+        assert sorted(block) == sorted(every_count)
+        assert block != sorted(block, reverse=True)
 
 
 def test_batched_frozen_targets_equal_one_at_a_time(tiny_folders):
