@@ -133,11 +133,11 @@ def draw(shape, colour, texture, rng):
 
 def draw_blob(rgb, texture, rng):
     """A random irregular blob: a smooth star-convex outline that is none of the four shapes."""
-    n = 14
+    n = 18
     radius = rng.uniform(6.0, 11.0)
     cx, cy = rng.uniform(radius * 1.1, SIZE - radius * 1.1, size=2)
-    harmonics = rng.normal(0, 1, size=(3, 2))
-    harmonics *= rng.uniform(0.3, 0.5) / np.linalg.norm(harmonics)  # never close to a circle
+    harmonics = rng.normal(0, 1, size=(5, 2)) / np.arange(1, 6)[:, None]  # irregular, k = 2..6
+    harmonics *= rng.uniform(0.4, 0.6) / np.linalg.norm(harmonics)  # never close to a circle
     theta = np.linspace(0, 2 * np.pi, n, endpoint=False)
     wobble = 1 + sum(a * np.cos((k + 2) * theta) + b * np.sin((k + 2) * theta)
                      for k, (a, b) in enumerate(harmonics))

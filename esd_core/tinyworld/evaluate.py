@@ -1,0 +1,202 @@
+"""Benchmark an erasure on the tiny world: generate fixed-seed images before and after, judge them.
+
+For an erased concept C (a shape or a colour) the prompt groups are:
+  - C by its name: "a circle", "a red circle", ... (share still judged C: lower is better after)
+  - C by its synonym: "a disc", "a red disc", ... (leakage through the other name)
+  - every other concept of C's kind and every concept of the other kind, in prompts that do not
+    mention C ("a square", "a green square", "a blue shape", "a blue star", ...): accuracy, which
+    should stay as it was before.
+Image i of every group uses seed + i, before and after alike, so the grid shows the same noise.
+Sampling: DDIM, 25 steps, classifier-free guidance 5.0 (strong enough for a 2-layer text encoder
+to steer reliably, low enough not to saturate colours).
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from . import judge as judge_lib
+from . import world
+
+STEPS = 25
+GUIDANCE_SCALE = 5.0
+BATCH_SIZE = 64
+
+
+def load_pipeline(model_dir=None):
+    """The world's StableDiffusionPipeline (the shipped one for None) with a DDIM scheduler."""
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir or world.DEFAULT_MODEL_DIR),
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe, prompts, seeds):
+    """Images (N, 3, 32, 32) in [0, 1], one per (prompt, seed); a seed fixes its image's noise."""
+    out = []
+    for start in range(0, len(prompts), BATCH_SIZE):
+        generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + BATCH_SIZE]]
+        images = pipe(prompt=list(prompts[start:start + BATCH_SIZE]), num_inference_steps=STEPS,
+                      guidance_scale=GUIDANCE_SCALE, generator=generators, output_type="np").images
+        out.append(torch.from_numpy(images).permute(0, 3, 1, 2))
+    return torch.cat(out).float()
+
+
+def concept_prompts(concept, name=None, avoid=None):
+    """Prompts naming a concept (by 'name', default its own name), never mentioning 'avoid'.
+
+    A shape gets "a {shape}" and "a {colour} {shape}"; a colour gets "a {colour} shape" and
+    "a {colour} {shape}", over the attributes of the other kind except 'avoid'.
+    """
+    name = name or concept
+    if world.kind_of(concept) == "shape":
+        return [f"a {name}"] + [f"a {c} {name}" for c in world.COLOURS if c != avoid]
+    return [f"a {name} shape"] + [f"a {name} {s}" for s in world.SHAPES if s != avoid]
+
+
+def prompt_groups(concept):
+    """The groups of an erasure benchmark for 'concept' (see the module docstring)."""
+    kind = world.kind_of(concept)
+    same = world.SHAPES if kind == "shape" else world.COLOURS
+    other = world.COLOURS if kind == "shape" else world.SHAPES
+    groups = [{"name": concept, "role": "erased", "concept": concept,
+               "prompts": concept_prompts(concept)},
+              {"name": world.SYNONYMS[concept], "role": "synonym", "concept": concept,
+               "prompts": concept_prompts(concept, world.SYNONYMS[concept])}]
+    for c in [c for c in same if c != concept] + other:
+        groups.append({"name": c, "role": "other", "concept": c,
+                       "prompts": concept_prompts(c, avoid=concept)})
+    return groups
+
+
+def wilson_interval(count, n, z=1.96):
+    """95% Wilson score interval of a proportion count/n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = count / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def _rate(judged, concept):
+    """How many judged images show 'concept' (in its own attribute), with rate and interval."""
+    labels = judged[world.kind_of(concept)]
+    count = sum(label == concept for label in labels)
+    return {"rate": count / len(labels), "count": count, "n": len(labels),
+            "ci95": wilson_interval(count, len(labels))}
+
+
+def _run_groups(pipe, judge, groups, n, seed):
+    """Generate and judge n images per group; returns (per-group rates, per-group images)."""
+    prompts = [g["prompts"][i % len(g["prompts"])] for g in groups for i in range(n)]
+    seeds = [seed + i for _ in groups for i in range(n)]
+    images = generate(pipe, prompts, seeds)
+    rates, per_group = [], []
+    for k, group in enumerate(groups):
+        chunk = images[k * n:(k + 1) * n]
+        rates.append(_rate(judge_lib.classify(judge, chunk), group["concept"]))
+        per_group.append(chunk)
+    return rates, per_group
+
+
+def evaluate(model_dir, concept, delta_path=None, n=64, seed=0, grid_path=None, strength=1.0):
+    """Benchmark the erasure of 'concept' stored in delta_path (None: the base model only).
+
+    Returns a JSON-serialisable dict: settings, and per prompt group its role ("erased",
+    "synonym" or "other"), prompts, and "before"/"after" = {rate, count, n, ci95} where rate is
+    the share of images the judge assigns to the group's concept ("after" is None without a
+    delta), plus a "summary" of the erased, synonym and mean other rates.
+    """
+    concept = world.canonical(concept)
+    pipe, judge = load_pipeline(model_dir), judge_lib.load_judge()
+    groups = prompt_groups(concept)
+    before, images_before = _run_groups(pipe, judge, groups, n, seed)
+    after, images_after = [None] * len(groups), None
+    if delta_path is not None:
+        from esd_core.apply import applied_delta
+        from esd_core.erasure_file import ErasureDelta
+        delta = ErasureDelta.load(delta_path)
+        with applied_delta(pipe.unet, delta, strength=strength):
+            after, images_after = _run_groups(pipe, judge, groups, n, seed)
+    result = {
+        "model_dir": str(model_dir or world.DEFAULT_MODEL_DIR), "concept": concept,
+        "kind": world.kind_of(concept), "synonym": world.SYNONYMS[concept],
+        "delta_path": None if delta_path is None else str(delta_path), "strength": strength,
+        "n": n, "seed": seed, "steps": STEPS, "guidance_scale": GUIDANCE_SCALE,
+        "groups": [{**g, "before": b, "after": a} for g, b, a in zip(groups, before, after)],
+    }
+    result["summary"] = _summary(result["groups"])
+    if grid_path is not None:
+        save_grid(grid_path, groups, images_before, images_after)
+    return result
+
+
+def _summary(groups):
+    """Erased-concept rate on its own and synonym prompts, and the mean accuracy on the others."""
+    summary = {}
+    for when in ("before", "after"):
+        if groups[0][when] is None:
+            continue
+        others = [g[when]["rate"] for g in groups if g["role"] == "other"]
+        summary[when] = {"erased": groups[0][when]["rate"], "synonym": groups[1][when]["rate"],
+                         "others_mean": sum(others) / len(others)}
+    return summary
+
+
+def format_table(result):
+    """A plain-text table of an evaluate() result, one line per prompt group."""
+    def cell(r):
+        return "-" if r is None else f"{100 * r['rate']:5.1f}% [{100 * r['ci95'][0]:3.0f}-{100 * r['ci95'][1]:3.0f}]"
+    lines = [f"erasing {result['concept']!r} ({result['kind']}, synonym {result['synonym']!r}), "
+             f"{result['n']} images per group, seed {result['seed']}, strength {result['strength']}",
+             f"{'group':<12}{'role':<9}{'before':<20}{'after':<20}example prompt"]
+    for g in result["groups"]:
+        lines.append(f"{g['name']:<12}{g['role']:<9}{cell(g['before']):<20}{cell(g['after']):<20}"
+                     f"{g['prompts'][-1]!r}")
+    lines.append("erased/synonym: share still showing the erased concept (lower is better after); "
+                 "other: accuracy (should stay).")
+    return "\n".join(lines)
+
+
+def save_grid(path, groups, images_before, images_after=None, per_row=8, scale=3):
+    """PNG grid, one row per prompt group: originals on the left, erased (same seeds) on the right."""
+    def row(images):
+        return np.concatenate([np.pad(img.permute(1, 2, 0).numpy(), ((1, 1), (1, 1), (0, 0)), constant_values=1)
+                               for img in images[:per_row]], axis=1)
+    rows = []
+    for k in range(len(groups)):
+        halves = [row(images_before[k])]
+        if images_after is not None:
+            halves += [np.ones((halves[0].shape[0], 6, 3)), row(images_after[k])]
+        rows.append(np.concatenate(halves, axis=1))
+    grid = Image.fromarray(world.to_uint8(np.concatenate(rows, axis=0)))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def base_quality(model_dir=None, n=32, seed=0, judge_path=world.DEFAULT_JUDGE_PATH):
+    """Quality of the unedited model: for every shape and colour, the share of images judged to
+    show it, on prompts naming it by name and by synonym. Returns {concept: {"name": rate-dict,
+    "synonym": rate-dict}}."""
+    pipe, judge = load_pipeline(model_dir), judge_lib.load_judge(judge_path)
+    concepts = world.SHAPES + world.COLOURS
+    groups = [{"concept": c, "prompts": concept_prompts(c, name)}
+              for c in concepts for name in (c, world.SYNONYMS[c])]
+    rates, _ = _run_groups(pipe, judge, groups, n, seed)
+    return {c: {"name": rates[2 * i], "synonym": rates[2 * i + 1]} for i, c in enumerate(concepts)}
+
+
+def format_quality(table):
+    """A plain-text table of base_quality()."""
+    lines = [f"{'concept':<10}{'by name':>10}{'by synonym':>12}"]
+    for concept, rates in table.items():
+        lines.append(f"{concept:<10}{100 * rates['name']['rate']:9.1f}%{100 * rates['synonym']['rate']:11.1f}%"
+                     f"  ({world.SYNONYMS[concept]}, n={rates['name']['n']})")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Tests of the tiny world: drawing, tokenizer, shipped pipeline and the erasure benchmark."""
+import contextlib
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from esd_core.tinyworld import evaluate, judge, world
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module")
+def shipped_judge():
+    return judge.load_judge()
+
+
+def test_drawn_images_show_what_was_asked(shipped_judge):
+    rng = np.random.default_rng(2024)
+    asked = [(s, c, world.TEXTURES[(i + j) % 2]) for i, s in enumerate(world.SHAPES)
+             for j, c in enumerate(world.COLOURS)]
+    images = torch.from_numpy(np.stack([world.draw(s, c, t, rng) for s, c, t in asked])).permute(0, 3, 1, 2)
+    assert images.shape == (16, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    judged = judge.classify(shipped_judge, images)
+    assert judged["shape"] == [s for s, _, _ in asked]
+    assert judged["colour"] == [c for _, c, _ in asked]
+    assert judged["texture"] == [t for _, _, t in asked]
+
+
+def test_judge_rejects_blobs_and_empty_backgrounds(shipped_judge):
+    rng = np.random.default_rng(7)
+    images = [world.draw_blob(world.RGB["red"], "plain", rng) for _ in range(4)]
+    images += [world.draw_background(rng) for _ in range(4)]
+    judged = judge.classify(shipped_judge, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
+    assert judged["shape"] == ["none"] * 8
+    assert judged["colour"] == ["red"] * 4 + ["none"] * 4
+
+
+def test_every_vocabulary_word_is_one_token():
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(world.DEFAULT_MODEL_DIR / "tokenizer")
+    ids = set()
+    for word in world.VOCABULARY:
+        tokens = tokenizer(word).input_ids
+        assert len(tokens) == 3 and tokens[0] == tokenizer.bos_token_id and tokens[2] == tokenizer.eos_token_id
+        assert tokenizer.convert_ids_to_tokens(tokens[1]) == word + "</w>"
+        ids.add(tokens[1])
+    assert len(ids) == len(world.VOCABULARY)
+
+
+def test_captions_use_only_the_vocabulary():
+    rng = np.random.default_rng(0)
+    words = {w for _ in range(500) for w in world.caption("star", "blue", "striped", rng).split()}
+    assert words <= set(world.VOCABULARY)
+    assert {"star", "pentagram", "blue", "azure", "striped"} <= words
+
+
+def test_shipped_pipeline_loads_offline_and_generates():
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(world.DEFAULT_MODEL_DIR)
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert pipe.scheduler.config.num_train_timesteps == 1000
+    assert pipe.unet.dtype == torch.float32
+    names = [n for n, _ in pipe.unet.named_modules()]
+    for level in ("down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"):
+        assert any(n.startswith(level) and n.endswith("attn1") for n in names)
+        assert any(n.startswith(level) and n.endswith("attn2") for n in names)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+               output_type="np")
+    assert out.images.shape == (1, 32, 32, 3)
+    assert np.isfinite(out.images).all()
+
+
+def test_prompt_groups_avoid_the_erased_concept():
+    groups = evaluate.prompt_groups("red")
+    assert [g["role"] for g in groups] == ["erased", "synonym"] + ["other"] * 7
+    assert all("crimson" in p for p in groups[1]["prompts"])
+    assert not any("red" in p.split() for g in groups[2:] for p in g["prompts"])
+
+
+def test_wilson_interval():
+    low, high = evaluate.wilson_interval(10, 10)
+    assert high == 1.0 and 0.70 < low < 0.73
+    low, high = evaluate.wilson_interval(0, 4)
+    assert low == 0.0 and 0.45 < high < 0.5
+
+
+@pytest.fixture
+def stand_in_engine(monkeypatch):
+    """Fake esd_core.erasure_file / esd_core.apply: the 'delta' zeroes every attn2 key projection
+    (prompts then stop steering the image) and restores the weights afterwards."""
+    restored = {}
+
+    class ErasureDelta:
+        @staticmethod
+        def load(path):
+            return path
+
+    @contextlib.contextmanager
+    def applied_delta(unet, delta, strength=1.0):
+        saved = {n: p.detach().clone() for n, p in unet.named_parameters() if "attn2.to_k" in n}
+        with torch.no_grad():
+            for n, p in unet.named_parameters():
+                if n in saved:
+                    p.mul_(1 - strength)
+        yield
+        with torch.no_grad():
+            for n, p in unet.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+        restored["done"] = True
+
+    monkeypatch.setitem(sys.modules, "esd_core.erasure_file", types.SimpleNamespace(ErasureDelta=ErasureDelta))
+    monkeypatch.setitem(sys.modules, "esd_core.apply", types.SimpleNamespace(applied_delta=applied_delta))
+    return restored
+
+
+def test_evaluate_structure_before_and_after(stand_in_engine, tmp_path):
+    grid = tmp_path / "grid.png"
+    result = evaluate.evaluate(None, "circle", delta_path=tmp_path / "fake.safetensors", n=4, grid_path=grid)
+    json.dumps(result)
+    assert stand_in_engine["done"]
+    assert result["concept"] == "circle" and result["synonym"] == "disc" and result["n"] == 4
+    assert [g["name"] for g in result["groups"]] == ["circle", "disc", "square", "triangle", "star",
+                                                     "red", "green", "blue", "yellow"]
+    for g in result["groups"]:
+        for when in ("before", "after"):
+            r = g[when]
+            assert r["n"] == 4 and 0 <= r["count"] <= 4 and r["rate"] == r["count"] / 4
+            assert r["ci95"][0] <= r["rate"] <= r["ci95"][1]
+    assert set(result["summary"]) == {"before", "after"}
+    from PIL import Image
+    assert Image.open(grid).size[0] > Image.open(grid).size[1]
+    table = evaluate.format_table(result)
+    assert "circle" in table and "disc" in table and len(table.splitlines()) == 3 + 9
+
+
+def test_evaluate_without_delta_has_no_after():
+    result = evaluate.evaluate(None, "crimson", n=4)
+    assert result["concept"] == "red" and result["kind"] == "colour"
+    assert all(g["after"] is None for g in result["groups"])
+    assert set(result["summary"]) == {"before"}
