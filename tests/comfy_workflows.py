@@ -4,7 +4,7 @@ import json
 import os
 
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
-LINK_TYPES_ARE_UPPER = True
+UI_ONLY_NODES = ("Note", "MarkdownNote")  # drawn by the frontend, never sent to the server
 
 
 def load(name: str) -> dict:
@@ -38,6 +38,9 @@ def check_graph(workflow: dict, object_info: dict) -> None:
         assert nodes[target]["inputs"][target_slot]["link"] == link_id, link_id
         assert kind == nodes[source]["outputs"][slot]["type"]
     for node in workflow["nodes"]:
+        if node["type"] in UI_ONLY_NODES:
+            assert node["widgets_values"] and isinstance(node["widgets_values"][0], str)
+            continue
         assert node["type"] in object_info, f"unknown node type {node['type']}"
         info = object_info[node["type"]]
         widgets = _widget_names(info)
@@ -53,7 +56,7 @@ def to_api(workflow: dict, object_info: dict, overrides: dict | None = None) -> 
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) != 0:
+        if node.get("mode", 0) != 0 or node["type"] in UI_ONLY_NODES:
             continue
         info = object_info[node["type"]]
         inputs = {}

@@ -28,6 +28,7 @@ OUTPUTS = {
     "SaveImage": [],
     "PreviewImage": [],
     "PreviewAny": [],
+    "Note": [],
 }
 # Link inputs, in slot order: name, type.
 INPUTS = {
@@ -44,8 +45,12 @@ INPUTS = {
     "SaveImage": [("images", "IMAGE")],
     "PreviewImage": [("images", "IMAGE")],
     "PreviewAny": [("source", "*")],
+    "Note": [],
 }
-SIZES = {"CLIPTextEncode": [400, 160], "ESDEraseConcept": [340, 420], "KSampler": [315, 262], "SaveImage": [320, 340]}
+SIZES = {
+    "CLIPTextEncode": [400, 160], "ESDEraseConcept": [340, 440], "KSampler": [315, 262], "SaveImage": [420, 360],
+    "Note": [360, 220], "ImageStitch": [320, 170], "PreviewImage": [300, 260],
+}
 
 
 class Graph:
@@ -86,6 +91,13 @@ class Graph:
             handle.write("\n")
 
 
+def note(graph, pos, text):
+    """A UI-only Note node (the frontend draws it; it never reaches the server)."""
+    node = graph.node("Note", pos, [text], title="Read me")
+    node["color"], node["bgcolor"] = "#432", "#653"
+    return node
+
+
 def prompt_nodes(graph, clip_source, x=420, y=420):
     positive = graph.node("CLIPTextEncode", (x, y), [POSITIVE], title="Positive")
     negative = graph.node("CLIPTextEncode", (x, y + 200), ["blurry, low quality"], title="Negative")
@@ -119,13 +131,17 @@ def erase_and_compare():
     g.link(erase, "ERASURE", save, "erasure")
     curve = g.node("PreviewImage", (820, 180), title="Loss curve")
     g.link(erase, "loss_curve", curve, "images")
-    positive, negative, latent = prompt_nodes(g, ckpt, y=480)
-    original = sampler(g, ckpt, positive, negative, latent, ckpt, (880, 480), "original")
-    erased = sampler(g, erase, positive, negative, latent, ckpt, (880, 800), "erased")
-    stitch = g.node("ImageStitch", (1580, 480), ["right", True, 16, "white"], title="Original | Erased")
+    note(g, (20, 300), "1. Pick your SD1.x / SD2.x / SDXL checkpoint.\n2. Type the concept to erase (esd-x for styles "
+         "and artists, esd-u for objects and nudity).\n3. Run. Training shows its progress on the node and can be "
+         "cancelled; the erasure is saved to models/erasures (load it later with Apply Erasure Delta or "
+         "LoraLoaderModelOnly).\nBoth samplers use the same seed: left the original, right the erased model.")
+    positive, negative, latent = prompt_nodes(g, ckpt, y=560)
+    original = sampler(g, ckpt, positive, negative, latent, ckpt, (880, 560), "original")
+    erased = sampler(g, erase, positive, negative, latent, ckpt, (880, 860), "erased")
+    stitch = g.node("ImageStitch", (1580, 560), ["right", True, 16, "white"], title="Original | Erased")
     g.link(original, "IMAGE", stitch, "image1")
     g.link(erased, "IMAGE", stitch, "image2")
-    save_image = g.node("SaveImage", (1580, 640), ["esd/compare"])
+    save_image = g.node("SaveImage", (1580, 780), ["esd/compare"])
     g.link(stitch, "IMAGE", save_image, "images")
     g.write("erase-and-compare.json", "Erase a concept (ESD), save the erasure to models/erasures, and sample the "
             "original and the erased model with the same seed, side by side.")
@@ -136,9 +152,12 @@ def apply_delta():
     ckpt = g.node("CheckpointLoaderSimple", (20, 120), [CHECKPOINT])
     apply = g.node("ESDApplyErasure", (420, 20), ["esd/van_gogh_00001.safetensors", 1.0])
     g.link(ckpt, "MODEL", apply, "model")
-    positive, negative, latent = prompt_nodes(g, ckpt, y=220)
-    decode = sampler(g, apply, positive, negative, latent, ckpt, (880, 220), "erased")
-    save_image = g.node("SaveImage", (1580, 220), ["esd/applied"])
+    note(g, (820, 20), "Pick a delta file from models/erasures (written by Save Erasure Delta). Strength 1 applies "
+         "the erasure as trained, 0 leaves the model unchanged. The delta is a patch: it composes with LoRAs and "
+         "never changes the loaded checkpoint.")
+    positive, negative, latent = prompt_nodes(g, ckpt, y=260)
+    decode = sampler(g, apply, positive, negative, latent, ckpt, (880, 260), "erased")
+    save_image = g.node("SaveImage", (1580, 260), ["esd/applied"])
     g.link(decode, "IMAGE", save_image, "images")
     g.write("apply-delta.json", "Apply a saved erasure (models/erasures) to a checkpoint at a strength, then sample.")
 
@@ -150,9 +169,13 @@ def load_erased_unet():
     g.link(ckpt, "MODEL", load, "model")
     report = g.node("PreviewAny", (820, 20), title="What was replaced")
     g.link(load, "report", report, "source")
-    positive, negative, latent = prompt_nodes(g, ckpt, y=220)
-    decode = sampler(g, load, positive, negative, latent, ckpt, (880, 220), "erased UNet")
-    save_image = g.node("SaveImage", (1580, 220), ["esd/erased_unet"])
+    note(g, (1240, 20), "Put the published erased weights in models/erasures or models/diffusion_models: full "
+         "diffusers-named .pt (e.g. diffusers-VanGogh-ESDx1-UNET.pt), CompVis .ckpt, or partial .safetensors. "
+         "The base checkpoint must be the model they were erased from (SD1.4/1.5 for the original ESD files). "
+         "Pickle files are read with weights_only=True only.")
+    positive, negative, latent = prompt_nodes(g, ckpt, y=280)
+    decode = sampler(g, load, positive, negative, latent, ckpt, (880, 280), "erased UNet")
+    save_image = g.node("SaveImage", (1580, 280), ["esd/erased_unet"])
     g.link(decode, "IMAGE", save_image, "images")
     g.write("load-erased-unet.json", "Replace a checkpoint's UNet with published erased weights (ESD .pt, CompVis "
             ".ckpt or partial .safetensors), then sample.")
