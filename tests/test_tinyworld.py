@@ -1,9 +1,6 @@
 """Tests of the tiny world: drawing, tokenizer, shipped pipeline and the erasure benchmark."""
-import contextlib
 import json
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -92,40 +89,24 @@ def test_wilson_interval():
 
 
 @pytest.fixture
-def stand_in_engine(monkeypatch):
-    """Fake esd_core.erasure_file / esd_core.apply: the 'delta' zeroes every attn2 key projection
-    (prompts then stop steering the image) and restores the weights afterwards."""
-    restored = {}
-
-    class ErasureDelta:
-        @staticmethod
-        def load(path):
-            return path
-
-    @contextlib.contextmanager
-    def applied_delta(unet, delta, strength=1.0):
-        saved = {n: p.detach().clone() for n, p in unet.named_parameters() if "attn2.to_k" in n}
-        with torch.no_grad():
-            for n, p in unet.named_parameters():
-                if n in saved:
-                    p.mul_(1 - strength)
-        yield
-        with torch.no_grad():
-            for n, p in unet.named_parameters():
-                if n in saved:
-                    p.copy_(saved[n])
-        restored["done"] = True
-
-    monkeypatch.setitem(sys.modules, "esd_core.erasure_file", types.SimpleNamespace(ErasureDelta=ErasureDelta))
-    monkeypatch.setitem(sys.modules, "esd_core.apply", types.SimpleNamespace(applied_delta=applied_delta))
-    return restored
+def blinding_delta(tmp_path):
+    """An erasure file (the engine's format) that zeroes every cross-attention value projection
+    of the shipped UNet: the prompt then no longer reaches the image at all."""
+    from diffusers import UNet2DConditionModel
+    from esd_core.erasure_file import ErasureDelta
+    from esd_core.keys import diffusers_to_ldm_names
+    unet = UNet2DConditionModel.from_pretrained(world.DEFAULT_MODEL_DIR / "unet")
+    names = diffusers_to_ldm_names(unet.state_dict().keys(), dict(unet.config))
+    deltas = {names[n]: -p.detach() for n, p in unet.named_parameters() if "attn2.to_v" in n}
+    path = tmp_path / "blind.safetensors"
+    ErasureDelta(deltas, {"concept": "everything", "method": "test"}).save(str(path), dtype=torch.float32)
+    return path
 
 
-def test_evaluate_structure_before_and_after(stand_in_engine, tmp_path):
+def test_evaluate_structure_before_and_after(blinding_delta, tmp_path):
     grid = tmp_path / "grid.png"
-    result = evaluate.evaluate(None, "circle", delta_path=tmp_path / "fake.safetensors", n=4, grid_path=grid)
+    result = evaluate.evaluate(None, "circle", delta_path=blinding_delta, n=4, grid_path=grid)
     json.dumps(result)
-    assert stand_in_engine["done"]
     assert result["concept"] == "circle" and result["synonym"] == "disc" and result["n"] == 4
     assert [g["name"] for g in result["groups"]] == ["circle", "disc", "square", "triangle", "star",
                                                      "red", "green", "blue", "yellow"]
@@ -135,6 +116,9 @@ def test_evaluate_structure_before_and_after(stand_in_engine, tmp_path):
             assert r["n"] == 4 and 0 <= r["count"] <= 4 and r["rate"] == r["count"] / 4
             assert r["ci95"][0] <= r["rate"] <= r["ci95"][1]
     assert set(result["summary"]) == {"before", "after"}
+    # Blind, seed i gives the same image whatever the shape prompt: at most one group can win it.
+    shape_groups = [g for g in result["groups"] if g["name"] in world.SHAPES]
+    assert sum(g["after"]["count"] for g in shape_groups) <= 4
     from PIL import Image
     assert Image.open(grid).size[0] > Image.open(grid).size[1]
     table = evaluate.format_table(result)

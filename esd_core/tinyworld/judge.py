@@ -129,6 +129,20 @@ def accuracy_on_fresh_images(model, n=2000, seed=12345):
     return result
 
 
+def confusion_matrices(model, n=2000, seed=12345):
+    """Per attribute, counts[true class][predicted class] on newly drawn examples."""
+    images, labels = make_dataset(n, seed)
+    predicted = classify(model, images)
+    matrices = {}
+    for key, lb, classes in zip(predicted, labels, (SHAPE_CLASSES, COLOUR_CLASSES, TEXTURE_CLASSES)):
+        counts = {t: {p: 0 for p in classes} for t in classes}
+        for true, pred in zip(lb.tolist(), predicted[key]):
+            if true != IGNORE:
+                counts[classes[true]][pred] += 1
+        matrices[key] = counts
+    return matrices
+
+
 def save_judge(model, path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 

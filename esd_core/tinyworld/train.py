@@ -217,8 +217,9 @@ def save_pipeline(out_dir, vae, text_encoder, tokenizer, unet):
 
 
 def train_all(out_dir=world.DEFAULT_MODEL_DIR, judge_path=world.DEFAULT_JUDGE_PATH,
-              cfg=TrainConfig(), log=print):
+              cfg=None, log=print):
     """Run every stage, write the pipeline and judge, and return a report with timings."""
+    cfg = cfg or TrainConfig()
     torch.set_num_threads(2)
     out_dir, judge_path = Path(out_dir), Path(judge_path)
     report = {"config": asdict(cfg), "seconds": {}}
