@@ -34,6 +34,19 @@ SKIP_MESSAGE = (
 )
 
 
+def one_torch_thread():
+    """Generator for a module fixture: torch on one thread while the module runs, then as before.
+
+    On a 2-core machine that is busy with anything else, two torch threads wait on each other and a tiny UNet
+    step takes seconds instead of milliseconds; one thread is fast and deterministic either way."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def comfyui_path() -> str | None:
     candidates = [os.environ.get("COMFYUI_PATH", "")]
     parent = os.path.dirname(REPO)
@@ -250,6 +263,7 @@ class ComfyServer:
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--disable-auto-launch", "--base-directory", self.base],
             cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},  # see one_torch_thread
         )
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -14,6 +14,11 @@ import comfy_env  # noqa: E402
 
 comfy_env.require_comfyui()
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    yield from comfy_env.one_torch_thread()
+
 RESOLUTION = 64  # 8x8 latents
 
 

@@ -16,6 +16,11 @@ import comfy_env  # noqa: E402
 comfy_env.require_comfyui()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    yield from comfy_env.one_torch_thread()
+
+
 @pytest.fixture(scope="module")
 def env():
     env = comfy_env.in_process_comfy()
@@ -130,6 +135,46 @@ def test_bad_training_inputs_give_clear_errors(env, loaded):
         erase.execute(concept="a, b, c", erase_from="x, y", **common)
     with pytest.raises(ValueError, match="multiple of 8"):
         erase.execute(concept="cat", **{**common, "resolution": 60})
+
+
+def test_interrupt_stops_training_and_leaves_everything_as_it_was(env, loaded):
+    import threading
+
+    import comfy.model_management
+
+    model, clip = loaded
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    iterations = []
+    host_module = comfy_env.pack_module("nodes.comfy_host")
+    original_predict = host_module.ComfyErasureHost.predict_eps
+    calls = []
+
+    def counting_predict(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 12:  # a few iterations in: the user presses Cancel
+            threading.Thread(target=comfy.model_management.interrupt_current_processing, args=(True,)).start()
+        return original_predict(self, *args, **kwargs)
+
+    host_module.ComfyErasureHost.predict_eps = counting_predict
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
+            env["node"]["ESDEraseConcept"].execute(
+                model=model, clip=clip, concept="cat", method="esd-x", iterations=100000, learning_rate=1e-3,
+                negative_guidance=1.0, sample_steps=4, sample_guidance=3.0, seed=2, resolution=64, mode="reference",
+            )
+    finally:
+        host_module.ComfyErasureHost.predict_eps = original_predict
+        comfy.model_management.interrupt_current_processing(False)
+    assert len(calls) < 20, f"training went on for {len(calls)} UNet calls after the interrupt"
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.weight_wrapper_patches and not model.patches
+    for module in model.model.modules():
+        for attribute in ("weight_function", "bias_function"):
+            assert not any(type(f).__name__ == "_Wrapper" for f in module.__dict__.get(attribute, []))
+    assert not any(type(f).__name__ == "_Wrapper"
+                   for loaded_model in comfy.model_management.current_loaded_models if loaded_model.model is not None
+                   for fs in loaded_model.model.weight_wrapper_patches.values() for f in fs)
 
 
 # --- Load Erased UNet ----------------------------------------------------------------------------------------

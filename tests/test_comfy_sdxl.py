@@ -16,6 +16,11 @@ import comfy_env  # noqa: E402
 
 comfy_env.require_comfyui()
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    yield from comfy_env.one_torch_thread()
+
 POOLED, CONTEXT, RESOLUTION = 32, 64, 64
 
 
