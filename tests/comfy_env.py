@@ -11,6 +11,7 @@ class). About 230M parameters; built once per machine and cached in the temp fol
 """
 
 import asyncio
+import atexit
 import json
 import os
 import shutil
@@ -75,6 +76,7 @@ def base_directory() -> str:
     global _BASE
     if _BASE is None:
         _BASE = tempfile.mkdtemp(prefix="esd_comfy_base_")
+        atexit.register(shutil.rmtree, _BASE, True)  # the link to this repo inside is removed, not followed
         for sub in ("models/checkpoints", "models/erasures", "models/loras", "models/diffusion_models",
                     "custom_nodes", "input", "output", "temp", "user"):
             os.makedirs(os.path.join(_BASE, sub), exist_ok=True)
