@@ -103,7 +103,8 @@ def blinding_delta(tmp_path):
     return path
 
 
-def test_evaluate_structure_before_and_after(blinding_delta, tmp_path):
+def test_evaluate_structure_before_and_after(blinding_delta, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "STEPS", 5)  # structure only: keep the test fast
     grid = tmp_path / "grid.png"
     result = evaluate.evaluate(None, "circle", delta_path=blinding_delta, n=4, grid_path=grid)
     json.dumps(result)
@@ -125,7 +126,8 @@ def test_evaluate_structure_before_and_after(blinding_delta, tmp_path):
     assert "circle" in table and "disc" in table and len(table.splitlines()) == 3 + 9
 
 
-def test_evaluate_without_delta_has_no_after():
+def test_evaluate_without_delta_has_no_after(monkeypatch):
+    monkeypatch.setattr(evaluate, "STEPS", 5)
     result = evaluate.evaluate(None, "crimson", n=4)
     assert result["concept"] == "red" and result["kind"] == "colour"
     assert all(g["after"] is None for g in result["groups"])

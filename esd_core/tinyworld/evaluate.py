@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from . import judge as judge_lib
 from . import world
@@ -165,7 +165,8 @@ def format_table(result):
 
 
 def save_grid(path, groups, images_before, images_after=None, per_row=8, scale=3):
-    """PNG grid, one row per prompt group: originals on the left, erased (same seeds) on the right."""
+    """PNG grid, one row per prompt group (named on the left): originals, then on the right the
+    erased model's images for the same seeds."""
     def row(images):
         return np.concatenate([np.pad(img.permute(1, 2, 0).numpy(), ((1, 1), (1, 1), (0, 0)), constant_values=1)
                                for img in images[:per_row]], axis=1)
@@ -177,8 +178,14 @@ def save_grid(path, groups, images_before, images_after=None, per_row=8, scale=3
         rows.append(np.concatenate(halves, axis=1))
     grid = Image.fromarray(world.to_uint8(np.concatenate(rows, axis=0)))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    labelled = Image.new("RGB", (grid.width + 70, grid.height), "white")
+    labelled.paste(grid, (70, 0))
+    draw = ImageDraw.Draw(labelled)
+    row_height = grid.height // len(groups)
+    for k, group in enumerate(groups):
+        draw.text((4, k * row_height + row_height // 2 - 5), group["name"], fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    labelled.save(path)
 
 
 def base_quality(model_dir=None, n=32, seed=0, judge_path=world.DEFAULT_JUDGE_PATH):
