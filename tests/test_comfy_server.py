@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -73,6 +74,9 @@ def test_example_workflows_are_in_the_template_browser_and_well_formed(server):
         served = server.get(f"/api/workflow_templates/{comfy_env.PACK_NAME}/{name}")
         assert served == comfy_workflows.load(name)
         comfy_workflows.check_graph(served, server.object_info)
+        thumbnail = f"{server.url}/api/workflow_templates/{comfy_env.PACK_NAME}/{name[:-5]}.jpg"
+        with urllib.request.urlopen(thumbnail, timeout=30) as response:  # the template browser's thumbnail
+            assert response.status == 200 and response.read(3) == b"\xff\xd8\xff"
 
 
 def test_erase_and_compare_workflow_runs(server):

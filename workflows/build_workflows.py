@@ -152,7 +152,7 @@ def apply_delta():
     ckpt = g.node("CheckpointLoaderSimple", (20, 120), [CHECKPOINT])
     apply = g.node("ESDApplyErasure", (420, 20), ["esd/van_gogh_00001.safetensors", 1.0])
     g.link(ckpt, "MODEL", apply, "model")
-    note(g, (820, 20), "Pick a delta file from models/erasures (written by Save Erasure Delta). Strength 1 applies "
+    note(g, (20, 300), "Pick a delta file from models/erasures (written by Save Erasure Delta). Strength 1 applies "
          "the erasure as trained, 0 leaves the model unchanged. The delta is a patch: it composes with LoRAs and "
          "never changes the loaded checkpoint.")
     positive, negative, latent = prompt_nodes(g, ckpt, y=260)
