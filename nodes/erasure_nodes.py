@@ -217,7 +217,8 @@ def next_free_path(folder: str, prefix: str) -> str:
     """``<folder>/<prefix>_00001.safetensors`` with the next unused number; the prefix may not leave the folder."""
     prefix = (prefix or "erasure").strip().replace("\\", "/")
     target = os.path.abspath(os.path.join(folder, prefix))
-    if os.path.commonpath([os.path.abspath(folder), target]) != os.path.abspath(folder) or not os.path.basename(target):
+    inside = os.path.commonpath([os.path.abspath(folder), target]) == os.path.abspath(folder)
+    if not inside or prefix.endswith("/") or target == os.path.abspath(folder):
         raise ValueError(f"filename_prefix {prefix!r} must name a file inside models/{FOLDER}, e.g. 'esd/van_gogh'.")
     directory, stem = os.path.split(target)
     os.makedirs(directory, exist_ok=True)
@@ -258,7 +259,13 @@ class ApplyErasure(io.ComfyNode):
             if not erasure_file or erasure_file == NO_FILE:
                 raise ValueError("No erasure given: pick a file in erasure_file (models/erasures) or connect the erasure input.")
             path = folder_paths.get_full_path_or_raise(FOLDER, erasure_file)
-            erasure = ErasureDelta.load(path)
+            try:
+                erasure = ErasureDelta.load(path)
+            except ValueError as error:
+                raise ValueError(
+                    f"{erasure_file} is not an erasure delta ({error}). Files of full or partial UNet weights load "
+                    "with 'Load Erased UNet'."
+                ) from error
         patched = apply_delta(model, erasure, float(strength))
         expected = erasure.metadata.get("base_fingerprint")
         if expected and strength != 0:

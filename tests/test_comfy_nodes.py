@@ -107,6 +107,11 @@ def test_saved_delta_applies_like_the_stock_lora_loader(env, loaded, trained):
 
     second = env["node"]["ESDSaveErasure"].execute(erasure=erasure, filename_prefix="tests/cat", dtype="fp16").args[0]
     assert second.endswith("_00002.safetensors")
+    assert type(erasure).load(second).deltas.keys() == erasure.deltas.keys()
+    for bad_prefix in ("../outside", "/etc/evil", "tests/"):
+        with pytest.raises(ValueError, match="filename_prefix"):
+            env["node"]["ESDSaveErasure"].execute(erasure=erasure, filename_prefix=bad_prefix, dtype="fp32")
+    assert not os.path.exists(os.path.join(env["base"], "models", "outside_00001.safetensors"))
 
 
 def test_apply_refuses_a_delta_for_another_family_or_shape(env, loaded, trained):
@@ -122,6 +127,9 @@ def test_apply_refuses_a_delta_for_another_family_or_shape(env, loaded, trained)
         apply.execute(model=model, erasure_file="none", strength=1.0, erasure=wrong_shape)
     with pytest.raises(ValueError, match="erasure_file"):
         apply.execute(model=model, erasure_file="none", strength=1.0)
+    save_file({"input_blocks.1.1.proj_in.weight": torch.zeros(1)}, os.path.join(env["erasures"], "a-unet-file.safetensors"))
+    with pytest.raises(ValueError, match="Load Erased UNet"):
+        apply.execute(model=model, erasure_file="a-unet-file.safetensors", strength=1.0)
 
 
 def test_bad_training_inputs_give_clear_errors(env, loaded):
