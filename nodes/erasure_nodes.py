@@ -27,6 +27,7 @@ from .unet_files import UnetFileError, diffusers_config, load_unet_weights
 CATEGORY = "conditioning/erasure"
 FOLDER = "erasures"
 NO_FILE = "none"
+FINGERPRINT_LIMIT = 100_000_000  # values; above this Apply skips the "trained on other weights" check
 Erasure = io.Custom("ERASURE")
 
 log = logging.getLogger("esd_erasure")
@@ -268,7 +269,8 @@ class ApplyErasure(io.ComfyNode):
                 ) from error
         patched = apply_delta(model, erasure, float(strength))
         expected = erasure.metadata.get("base_fingerprint")
-        if expected and strength != 0:
+        # hashing the base weights is cheap for esd-x sized deltas; for esd-u/esd-all it would cost seconds per run
+        if expected and strength != 0 and sum(t.numel() for t in erasure.deltas.values()) <= FINGERPRINT_LIMIT:
             base = unet_tensors(model)
             if fingerprint({name: base[name] for name in erasure.deltas}) != expected:
                 log.warning("ESD: %s was trained on different base weights than this model's; applying anyway.", erasure.describe())
