@@ -7,7 +7,6 @@ from contextlib import contextmanager
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from torch.nn.utils import parametrize
 
 from .erasure_file import model_family
 from .host import ErasureHost
@@ -16,18 +15,6 @@ from .methods import layer_tensors
 from .trainable import TrainableDelta
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-class _AddDelta(torch.nn.Module):
-    """Parametrization that lets one weight reach its layer as ``weight + delta`` while the delta is on."""
-
-    def __init__(self, delta: TrainableDelta, name: str):
-        super().__init__()
-        self.delta = delta
-        self.name = name
-
-    def forward(self, weight):
-        return self.delta.added_to(self.name, weight)
 
 
 class DiffusersHost(ErasureHost):
@@ -65,17 +52,19 @@ class DiffusersHost(ErasureHost):
 
     @contextmanager
     def attach(self, delta: TrainableDelta):
+        """Forward hooks add each changed layer's delta contribution to its output while the delta is on."""
         modules = dict(self.unet.named_modules())
-        attached = []
+        handles = []
         try:
-            for name in delta.names:
-                module_name, tensor_name = name.rsplit(".", 1)
-                parametrize.register_parametrization(modules[module_name], tensor_name, _AddDelta(delta, name))
-                attached.append((modules[module_name], tensor_name))
+            for prefix in sorted({name.rsplit(".", 1)[0] for name in delta.names}):
+                module = modules[prefix]
+                if getattr(module, "groups", 1) != 1 and any(n.startswith(prefix + ".") for n in delta.factors):
+                    raise ValueError(f"Low-rank deltas do not support the grouped convolution {prefix!r}; use --rank 0.")
+                handles.append(module.register_forward_hook(_output_hook(delta, prefix)))
             yield
         finally:
-            for module, tensor_name in attached:
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+            for handle in handles:
+                handle.remove()
 
     @torch.no_grad()
     def encode(self, text: str):
@@ -106,6 +95,13 @@ class DiffusersHost(ErasureHost):
         if self.prediction_type != "epsilon":
             raise ValueError(f"Models predicting {self.prediction_type!r} are not supported; use an epsilon or v-prediction model.")
         return output
+
+
+def _output_hook(delta: TrainableDelta, prefix: str):
+    def hook(module, inputs, output):
+        return output + delta.output_change(module, prefix, inputs[0]) if delta.enabled else output
+
+    return hook
 
 
 def _alphas_cumprod(scheduler) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """The trainable part of an erasure: an fp32 delta per selected tensor, and a switch.
 
-The UNet itself is never changed. A host makes each selected weight reach its layer as
-``weight + delta`` while the switch is on, and as the untouched ``weight`` while it is off; so the
-frozen predictions and the trained ones come from one UNet in memory.
+The UNet itself is never changed. While the switch is on, a host makes each selected layer answer as if
+its weight were ``weight + delta``: either by adding the delta to the weight on its way into the layer
+(``added_to``) or by adding the delta's own contribution to the layer's output (``output_change``,
+which keeps no full-size copy of the weight and loses no small delta to bf16 rounding). While the switch
+is off the layer is untouched; so the frozen predictions and the trained ones come from one UNet.
 
 With ``rank`` > 0 each matrix-shaped delta is a LoRA-style product ``up @ down`` (up starts at zero,
 so the delta does too), which keeps esd-u and esd-all from costing a second UNet of optimizer state.
@@ -12,6 +14,7 @@ import math
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 
 class TrainableDelta:
@@ -56,6 +59,25 @@ class TrainableDelta:
             return weight
         return weight + self.delta(name).to(device=weight.device, dtype=weight.dtype)
 
+    def output_change(self, module: torch.nn.Module, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        """What the deltas of ``module`` (state-dict prefix ``prefix``) add to its output for input ``x``.
+
+        Linear or Conv layers only; a low-rank weight delta runs as two thin layers (down, then up).
+        """
+        change = torch.zeros((), dtype=x.dtype, device=x.device)
+        weight_name, bias_name = f"{prefix}.weight", f"{prefix}.bias"
+        if weight_name in self.factors:
+            up, down = (factor.to(x.dtype) for factor in self.factors[weight_name])
+            shape = self.shapes[weight_name]
+            thin = _layer(module, x, down.reshape(down.shape[0], *shape[1:]))
+            change = change + _pointwise(thin, up.reshape(*up.shape, *(1,) * (len(shape) - 2)))
+        elif weight_name in self.full:
+            change = change + _layer(module, x, self.full[weight_name].to(x.dtype))
+        if bias_name in self.full:
+            bias = self.full[bias_name].to(x.dtype)
+            change = change + (bias if isinstance(module, torch.nn.Linear) else bias.view(-1, *(1,) * (x.dim() - 2)))
+        return change
+
     @contextmanager
     def switched(self, enabled: bool):
         """Turn the delta on or off for the duration of a block."""
@@ -69,3 +91,18 @@ class TrainableDelta:
         """The learned deltas as plain CPU fp32 tensors at full shape."""
         with torch.no_grad():
             return {name: self.delta(name).detach().to("cpu", torch.float32).clone() for name in self.shapes}
+
+
+
+def _layer(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``module``'s own operation (stride, padding, ...) with another weight and no bias."""
+    if isinstance(module, torch.nn.Linear):
+        return F.linear(x, weight)
+    return module._conv_forward(x, weight, None)
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 (pointwise) convolution, or a plain matrix product for Linear-shaped inputs."""
+    if weight.dim() == 2:
+        return F.linear(x, weight)
+    return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()](x, weight)

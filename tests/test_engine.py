@@ -76,6 +76,14 @@ def test_one_step_at_lr_1e_5_changes_every_selected_tensor_in_bf16(tiny_folders)
     for name, delta in trained.full.items():
         assert delta.dtype == torch.float32
         assert delta.abs().max().item() == pytest.approx(1e-5, rel=0.05), name  # Adam's first step moves by ~lr
+    # The bf16 model sees the step: the delta's share is added to each layer's output, not rounded into W.
+    x, conds = torch.randn(1, 4, 8, 8), [host.encode("red")]
+    with host.attach(trained), torch.no_grad():
+        with trained.switched(False):
+            before = host.predict_eps(x, 500, conds)
+        with trained.switched(True):
+            after = host.predict_eps(x, 500, conds)
+    assert not torch.equal(before, after)
 
 
 def test_training_is_reproducible(tiny_folders):
@@ -179,3 +187,25 @@ def test_low_rank_delta_is_a_product_and_saves_full_shape(tiny_folders):
         assert torch.linalg.matrix_rank(trained.delta(name).detach().reshape(up.shape[0], -1)) <= 2
     assert {n: t.shape for n, t in trained.detached().items()} == {n: t.shape for n, t in full.detached().items()}
     assert any(trained.delta(name).abs().max() > 0 for name in trained.factors)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_output_change_equals_adding_the_delta_to_the_weights(rank, layer):
+    """The diffusers host adds x's share of the delta to the output; that must equal (W + delta) applied to x."""
+    from esd_core.trainable import TrainableDelta
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(12, 10) if layer == "linear" else torch.nn.Conv2d(6, 10, 3, stride=2, padding=1)
+    x = torch.randn(2, 5, 12) if layer == "linear" else torch.randn(2, 6, 9, 9)
+    delta = TrainableDelta({"layer.weight": module.weight, "layer.bias": module.bias}, rank=rank)
+    with torch.no_grad():
+        for tensor in delta.parameters():
+            tensor.normal_()
+    expected = (
+        torch.nn.functional.linear(x, module.weight + delta.delta("layer.weight"), module.bias + delta.delta("layer.bias"))
+        if layer == "linear"
+        else module._conv_forward(x, module.weight + delta.delta("layer.weight"), module.bias + delta.delta("layer.bias"))
+    )
+    assert torch.allclose(module(x) + delta.output_change(module, "layer", x), expected, atol=1e-4)
+    assert (rank == 0) == ("layer.weight" in delta.full)
