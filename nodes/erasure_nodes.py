@@ -166,15 +166,21 @@ class EraseConcept(io.ComfyNode):
             bar.update_absolute(iteration + 1, config.iterations)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
+        interrupted = False
         with torch.inference_mode(False):
             host = ComfyErasureHost(model, clip, int(resolution or 0))
             try:
                 delta = erase(host, config, progress)
+            except comfy.model_management.InterruptProcessingException:
+                interrupted = True  # re-raised below, without the training frames (and their tensors) attached
             except NonFiniteLossError as error:
                 raise RuntimeError(f"{error} In this node: lower learning_rate.") from error
             finally:
                 host.release()
                 del host
+        if interrupted:
+            log.info("ESD: training cancelled after %d of %d iterations; nothing was kept.", len(losses), config.iterations)
+            raise comfy.model_management.InterruptProcessingException()
         log.info("ESD: %s done, final loss %.5g", delta.describe(), losses[-1] if losses else float("nan"))
         erased = apply_delta(model, delta, 1.0)
         return io.NodeOutput(erased, delta, loss_curve_image(losses, delta.describe()))

@@ -159,6 +159,10 @@ def test_training_leaves_the_model_untouched_and_releases_the_wrappers(env, comf
             model=model, clip=clip, concept="a cat", method="esd-x", iterations=2, learning_rate=1e-3,
             negative_guidance=1.0, sample_steps=3, sample_guidance=3.0, seed=0, resolution=RESOLUTION,
         ).args
+    import gc
+
+    gc.collect()  # training memory is released: no trainable delta outlives the node (a host lives in a fixture here)
+    assert not [o for o in gc.get_objects() if type(o).__name__ == "TrainableDelta"]
     after = host_module.unet_tensors(model)
     assert set(before) == set(after)
     assert all(torch.equal(before[k], after[k].to(before[k].device)) for k in before)

@@ -174,6 +174,10 @@ def test_interrupt_stops_training_and_leaves_everything_as_it_was(env, loaded):
         host_module.ComfyErasureHost.predict_eps = original_predict
         comfy.model_management.interrupt_current_processing(False)
     assert len(calls) < 20, f"training went on for {len(calls)} UNet calls after the interrupt"
+    import gc
+
+    gc.collect()  # the training state is gone: no trainable delta (nor its optimizer state) survives the cancel
+    assert not [o for o in gc.get_objects() if type(o).__name__ in ("TrainableDelta", "ComfyErasureHost")]
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not model.weight_wrapper_patches and not model.patches
