@@ -146,6 +146,8 @@ class ComfyErasureHost(ErasureHost):
 
     def predict_eps(self, x_t: torch.Tensor, timestep, conds: list) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
+        if not self._wrapped:  # first use: wrappers in place and the weights' grad flags off before any forward
+            self._load()
         rows = len(conds)
         x_t = x_t.to(self.device, torch.float32)
         if x_t.shape[0] == 1 and rows > 1:
