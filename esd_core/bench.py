@@ -30,11 +30,11 @@ from .trainable import TrainableDelta
 class RandomWeightHost(DiffusersHost):
     """A full-size UNet built from its family's config with random weights; prompts map to fixed random embeddings."""
 
-    def __init__(self, family: str, resolution: int, device: str, dtype: torch.dtype):
+    def __init__(self, family: str, resolution: int, device: str, dtype: torch.dtype, gradient_checkpointing: bool = False):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**FULL_SIZE_UNET_CONFIGS[family]).to(dtype)
         pipeline = SimpleNamespace(unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULE), vae_scale_factor=8)
-        super().__init__(pipeline, device, resolution)
+        super().__init__(pipeline, device, resolution, gradient_checkpointing)
         self.tokens, self.pooled_size = TEXT_SHAPES[family]
 
     def encode(self, text: str):
@@ -88,7 +88,8 @@ def run_case(case: dict) -> dict:
     if "model" in case:
         host = DiffusersHost(load_pipeline(case["model"], dtype=dtype, with_vae=False), device)
     else:
-        host = (TwoUNetHost if two_unet else RandomWeightHost)(case["family"], case["resolution"], device, dtype)
+        host_class = TwoUNetHost if two_unet else RandomWeightHost
+        host = host_class(case["family"], case["resolution"], device, dtype, case.get("gradient_checkpointing", False))
     config = EraseConfig(**case["config"])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -139,6 +140,7 @@ def full_size_cases(family: str, device: str, dtype: str, resolution: int, itera
         base = dict(family=family, device=device, dtype=dtype, resolution=resolution, label=method)
         cases.append({**base, "config": {**config, "mode": "fast", "rank": rank}})
         cases.append({**base, "config": {**config, "mode": "reference", "rank": rank}})
+        cases.append({**base, "config": {**config, "mode": "fast", "rank": rank}, "gradient_checkpointing": True})
         cases.append({**base, "config": {**config, "mode": "reference"}, "baseline": "two-unet"})
     return cases
 
@@ -169,7 +171,8 @@ def tiny_world_bench(concept: str, device: str, iterations: int | None, n: int) 
 def case_name(case: dict) -> str:
     config = case["config"]
     rank = f" rank {config['rank']}" if config.get("rank") else ""
-    return f"{config['method']}{rank} {case.get('baseline') or config['mode']}"
+    checkpointing = " +checkpointing" if case.get("gradient_checkpointing") else ""
+    return f"{config['method']}{rank} {case.get('baseline') or config['mode']}{checkpointing}"
 
 
 def summarize(results: list[dict]) -> list[dict]:

@@ -57,6 +57,7 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reuse", type=int, default=0, help="fast mode: updates per sampled trajectory, i.e. the staleness bound (default 0: one per sampling step)")
     parser.add_argument("--rank", type=int, default=0, help="0: full-rank deltas; r > 0: LoRA-style rank-r factors (for esd-u/esd-all memory)")
     parser.add_argument("--resolution", type=int, help="training image size in pixels (default: the UNet's native size)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, slower updates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-dtype", default="fp16", choices=tuple(SAVE_DTYPES), help="precision of the written deltas")
 
@@ -144,7 +145,7 @@ def train_with_progress(args, config: EraseConfig) -> ErasureDelta:
     device = pick_device(args.device)
     model = args.model or str(DEFAULT_MODEL_DIR)
     pipeline = load_pipeline(model, args.config, pick_dtype(args.dtype, device), with_vae=False)
-    host = DiffusersHost(pipeline, device, args.resolution)
+    host = DiffusersHost(pipeline, device, args.resolution, args.gradient_checkpointing)
     with tqdm(total=config.iterations, desc=f"erasing {config.concept!r}", unit="it") as bar:
         def progress(iteration: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4g}")

@@ -121,16 +121,16 @@ EXAMPLE_SOURCES = {"reference": reference_examples, "fast": reused_trajectory_ex
 
 def update(run: TrainingRun, optimizer: torch.optim.Optimizer, example: TrainingExample, iteration: int) -> float:
     """One optimizer step on the MSE between the trained prediction and the example's target; returns the loss."""
-    with run.delta.switched(True):
+    with run.delta.switched(True):  # also through backward, which may recompute checkpointed activations
         prediction = run.host.predict_eps(example.x_t, example.timestep, [run.conds[example.source]])[0]
-    loss = F.mse_loss(prediction, example.target.float())
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(
-            f"The loss became {loss.item()} at iteration {iteration + 1}; nothing was saved. "
-            "Lower the learning rate (--lr) or use --dtype fp32."
-        )
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+        loss = F.mse_loss(prediction, example.target.float())
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"The loss became {loss.item()} at iteration {iteration + 1}; nothing was saved. "
+                "Lower the learning rate (--lr) or use --dtype fp32."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
     optimizer.step()
     return loss.item()
 
