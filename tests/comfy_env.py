@@ -319,3 +319,8 @@ class ComfyServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| in float64: how far the ComfyUI host's numbers are from the diffusers host's."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()

@@ -67,14 +67,12 @@ def comfy_host(env, comfy_model):
         host.release()
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def test_hosts_agree_on_schedule_and_shapes(comfy_host, diffusers_host):
     assert comfy_host.family == diffusers_host.family == "sd1"
     assert comfy_host.latent_shape == diffusers_host.latent_shape == (4, 8, 8)
-    assert relative_error(comfy_host.alphas_cumprod, diffusers_host.alphas_cumprod) < 1e-6
+    assert comfy_env.relative_error(comfy_host.alphas_cumprod, diffusers_host.alphas_cumprod) < 1e-6
     comfy_names = set(comfy_host.layer_tensors())
     mapped = {diffusers_host.ldm_name(name) for name in diffusers_host.layer_tensors()}
     assert comfy_names == mapped and len(comfy_names) > 50
@@ -86,7 +84,7 @@ def test_text_encodings_agree(comfy_host, diffusers_host):
             ours, _ = comfy_host.encode(text)
             theirs, _ = diffusers_host.encode(text)
             assert ours.shape == theirs.shape == (1, 77, 768)
-            assert relative_error(ours, theirs) < 1e-4, text
+            assert comfy_env.relative_error(ours, theirs) < 1e-4, text
 
 
 @pytest.mark.parametrize("timestep", [1, 501, 981])
@@ -99,7 +97,7 @@ def test_eps_predictions_match_diffusers(comfy_host, diffusers_host, timestep):
         theirs = diffusers_host.predict_eps(x_t, timestep, conds)
     assert ours.shape == theirs.shape == (3, 4, 8, 8)
     assert ours.dtype == torch.float32
-    assert relative_error(ours, theirs) < 1e-4
+    assert comfy_env.relative_error(ours, theirs) < 1e-4
 
 
 def test_eps_with_a_latent_and_timestep_per_row_matches_diffusers(comfy_host, diffusers_host):
@@ -111,8 +109,8 @@ def test_eps_with_a_latent_and_timestep_per_row_matches_diffusers(comfy_host, di
         ours = comfy_host.predict_eps(x_t, timesteps, conds)
         theirs = diffusers_host.predict_eps(x_t, timesteps, conds)
         one_row = comfy_host.predict_eps(x_t[1:2], 1, conds[1:2])
-    assert relative_error(ours, theirs) < 1e-4
-    assert relative_error(one_row[0], ours[1]) < 1e-5
+    assert comfy_env.relative_error(ours, theirs) < 1e-4
+    assert comfy_env.relative_error(one_row[0], ours[1]) < 1e-5
 
 
 @pytest.mark.parametrize("method", ["esd-x", "esd-u"])
@@ -145,7 +143,7 @@ def test_one_esd_step_has_the_same_gradients(comfy_host, diffusers_host, method)
             gradients.append({host.ldm_name(n): t.grad.detach().clone() for n, t in delta.full.items()})
     ours, theirs = gradients
     assert set(ours) == set(theirs) and ours
-    worst = max(relative_error(ours[name], theirs[name]) for name in theirs if theirs[name].norm() > 0)
+    worst = max(comfy_env.relative_error(ours[name], theirs[name]) for name in theirs if theirs[name].norm() > 0)
     assert worst < 1e-4, worst
     assert all(g.abs().sum() > 0 for g in theirs.values() if g.dim() > 1)
 

@@ -96,8 +96,6 @@ def hosts():
         ours.release()
 
 
-def relative_error(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_sdxl_host_describes_the_model_like_diffusers(hosts):
@@ -119,7 +117,7 @@ def test_sdxl_eps_and_gradients_match_diffusers(hosts):
         assert comfy_conds[0][1].shape == (1, 6 * 256 + POOLED)  # y = [pooled, 6 size/crop embeddings]
         fake = FakeClip()
         diffusers_conds = [fake.encode_from_tokens(t) for t in ("a red car", "")]
-        assert relative_error(ours.predict_eps(x_t, timesteps, comfy_conds),
+        assert comfy_env.relative_error(ours.predict_eps(x_t, timesteps, comfy_conds),
                               theirs.predict_eps(x_t, timesteps, diffusers_conds)) < 1e-4
 
         grads = []
@@ -130,4 +128,4 @@ def test_sdxl_eps_and_gradients_match_diffusers(hosts):
                 prediction.square().mean().backward()
             grads.append({host.ldm_name(n): t.grad for n, t in delta.full.items()})
     assert set(grads[0]) == set(grads[1]) and grads[0]
-    assert max(relative_error(grads[0][n], grads[1][n]) for n in grads[1]) < 1e-4
+    assert max(comfy_env.relative_error(grads[0][n], grads[1][n]) for n in grads[1]) < 1e-4

@@ -87,8 +87,6 @@ def hosts():
         ours.release()
 
 
-def relative_error(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_vpred_eps_and_gradients_match_diffusers(hosts):
@@ -103,7 +101,7 @@ def test_vpred_eps_and_gradients_match_diffusers(hosts):
         conds = [ours.encode("a red car"), ours.encode(""), ours.encode("a red car")]
         eps_ours = ours.predict_eps(x_t, timesteps, conds)
         eps_theirs = theirs.predict_eps(x_t, timesteps, conds)
-        assert relative_error(eps_ours, eps_theirs) < 1e-4
+        assert comfy_env.relative_error(eps_ours, eps_theirs) < 1e-4
 
         grads = []
         for host in (ours, theirs):
@@ -117,7 +115,7 @@ def test_vpred_eps_and_gradients_match_diffusers(hosts):
     largest = max(g.norm() for g in grads[1].values())
     meaningful = [n for n in grads[1] if grads[1][n].norm() > 1e-5 * largest]
     assert len(meaningful) > 100
-    worst = max(relative_error(grads[0][n], grads[1][n]) for n in meaningful)
+    worst = max(comfy_env.relative_error(grads[0][n], grads[1][n]) for n in meaningful)
     assert worst < 1e-4, worst
     everything = [torch.cat([g[n].flatten() for n in sorted(g)]) for g in grads]
-    assert relative_error(everything[0], everything[1]) < 1e-5
+    assert comfy_env.relative_error(everything[0], everything[1]) < 1e-5
