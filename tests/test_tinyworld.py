@@ -121,7 +121,8 @@ def test_evaluate_structure_before_and_after(blinding_delta, tmp_path, monkeypat
     shape_groups = [g for g in result["groups"] if g["name"] in world.SHAPES]
     assert sum(g["after"]["count"] for g in shape_groups) <= 4
     from PIL import Image
-    assert Image.open(grid).size[0] > Image.open(grid).size[1]
+    width, height = Image.open(grid).size  # 9 rows of 34-px cells (x3), before and after side by side
+    assert height == 9 * 34 * 3 and width > 2 * 4 * 34 * 3
     table = evaluate.format_table(result)
     assert "circle" in table and "disc" in table and len(table.splitlines()) == 3 + 9
 
