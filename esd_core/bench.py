@@ -147,13 +147,13 @@ def full_size_cases(family: str, device: str, dtype: str, resolution: int, itera
 
 def tiny_world_bench(concept: str, device: str, iterations: int | None, n: int) -> dict:
     """Reference and fast erasures of one tiny-world concept (same seeds and update budget), timed and evaluated."""
-    from .presets import TINY_WORLD
+    from .presets import defaults_for
     from .tinyworld import world
     from .tinyworld.evaluate import evaluate
 
     concept = world.canonical(concept)
     method = "esd-u" if world.kind_of(concept) == "shape" else "esd-x"
-    config = {**TINY_WORLD, "concept": concept, "method": method, "seed": 0}
+    config = {**defaults_for(None, method), "concept": concept, "method": method, "seed": 0}
     if iterations:
         config["iterations"] = iterations
     results = []

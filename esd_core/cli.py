@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 
 from .config import MODES, SAMPLE_WITH_CHOICES, EraseConfig
 from .erasure_file import SAVE_DTYPES, ErasureDelta, summary, write_atomically
-from .methods import TRAIN_METHODS, method_choices
-from .presets import PAPER, TINY_WORLD, defaults_for
+from .methods import TRAIN_METHODS, method_choices, resolve_method
+from .presets import PAPER, TINY_WORLD, TINY_WORLD_LR_BY_METHOD, defaults_for
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESET_FIELDS = tuple(PAPER)
@@ -48,7 +48,7 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=method_choices(), metavar="METHOD", help="which weights to train (see below); erase: esd-x; demo: esd-u for a shape, esd-x for a colour")
     parser.add_argument("--erase-from", default="", help="erase the concept from this text instead of from itself (one, or one per concept)")
     parser.add_argument("--iterations", type=int, help=f"updates (paper: {PAPER['iterations']}; tiny world: {TINY_WORLD['iterations']})")
-    parser.add_argument("--lr", type=float, help=f"Adam learning rate (paper: {PAPER['lr']}; tiny world: {TINY_WORLD['lr']})")
+    parser.add_argument("--lr", type=float, help=f"Adam learning rate (paper: {PAPER['lr']}; tiny world: {TINY_WORLD['lr']}, esd-u/esd-all {TINY_WORLD_LR_BY_METHOD['esd-u']})")
     parser.add_argument("--eta", type=float, help="negative guidance, the paper's eta (paper: 1.0; esd_sd.py's 2.0 equals 1.0 here)")
     parser.add_argument("--sample-steps", type=int, help="DDIM steps of the x_t sampling schedule (paper: 50)")
     parser.add_argument("--sample-guidance", type=float, help="classifier-free guidance while sampling x_t (paper: 3.0)")
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def erase_config(args, concept: str, method: str) -> EraseConfig:
     """An EraseConfig from parsed arguments, filling what was left out from the model's defaults."""
-    preset = defaults_for(args.model)
+    preset = defaults_for(args.model, resolve_method(method))
     chosen = {field: getattr(args, field) if getattr(args, field) is not None else preset[field] for field in PRESET_FIELDS}
     return EraseConfig(
         concept=concept, erase_from=args.erase_from, method=method, sample_with=args.sample_with,
