@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from .erasure_file import model_family
+from .apply import unet_family
 from .host import ErasureHost
 from .keys import diffusers_to_ldm_names
 from .methods import layer_tensors
@@ -34,7 +34,7 @@ class DiffusersHost(ErasureHost):
         self.latent_shape = (self.unet.config.in_channels, latent_size, latent_size)
         config = self.unet.config
         self.is_sdxl = config.addition_embed_type == "text_time"
-        self.family = model_family(config.cross_attention_dim, self.is_sdxl)
+        self.family = unet_family(self.unet)
         self.prediction_type = pipeline.scheduler.config.prediction_type
         self._alphas_cumprod = _alphas_cumprod(pipeline.scheduler).to(self.device)
         self._ldm_names = diffusers_to_ldm_names(self.unet.state_dict().keys(), dict(config))
