@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from .config import EraseConfig
 from .cli import DTYPES
 from .diffusers_host import DiffusersHost, load_pipeline
-from .esd import TrainingRun, erase, reference_examples, train_erasure, update
+from .esd import TrainingRun, erase, run_updates, train_erasure
 from .methods import layer_tensors, select_parameters
 from .model_configs import FULL_SIZE_UNET_CONFIGS, SD_SCHEDULE, TEXT_SHAPES
 from .trainable import TrainableDelta
@@ -68,10 +68,7 @@ def train_two_unet_baseline(host: TwoUNetHost, config: EraseConfig) -> None:
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(parameters, lr=config.lr, foreach=False)
-    run = TrainingRun(host, host.switch, config, torch.Generator().manual_seed(config.seed))
-    examples = reference_examples(run)
-    for iteration in range(config.iterations):
-        update(run, optimizer, next(examples), iteration)
+    run_updates(TrainingRun(host, host.switch, config, torch.Generator().manual_seed(config.seed)), optimizer)
 
 
 def run_case(case: dict) -> dict:
@@ -153,7 +150,7 @@ def tiny_world_bench(concept: str, device: str, iterations: int | None, n: int) 
 
     concept = world.canonical(concept)
     method = "esd-u" if world.kind_of(concept) == "shape" else "esd-x"
-    config = {**defaults_for(None, method), "concept": concept, "method": method, "seed": 0}
+    config = {**defaults_for(None, method, concept), "concept": concept, "method": method, "seed": 0}
     if iterations:
         config["iterations"] = iterations
     results = []

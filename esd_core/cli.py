@@ -52,9 +52,13 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", type=float, help="negative guidance, the paper's eta (paper: 1.0; esd_sd.py's 2.0 equals 1.0 here)")
     parser.add_argument("--sample-steps", type=int, help="DDIM steps of the x_t sampling schedule (paper: 50)")
     parser.add_argument("--sample-guidance", type=float, help="classifier-free guidance while sampling x_t (paper: 3.0)")
+    parser.add_argument("--preserve", help="comma-separated texts whose images the erasure must leave as they were (paper: none; tiny world: its other shapes and colours; \"\" for none)")
+    parser.add_argument("--preserve-weight", type=float, default=1.0, help="weight of the preservation term against the erasure term")
     parser.add_argument("--sample-with", default="trained", choices=SAMPLE_WITH_CHOICES, help="sample x_t with the model being trained (paper) or the frozen one")
     parser.add_argument("--mode", default="fast", choices=MODES, help="fast (default): one sampled trajectory serves several updates; reference: a fresh trajectory per update, as the paper")
-    parser.add_argument("--reuse", type=int, default=0, help="fast mode: updates per sampled trajectory, i.e. the staleness bound (default 0: one per sampling step)")
+    parser.add_argument("--trajectories", type=int, default=8, help="fast mode: trajectories sampled together in one batched pass")
+    parser.add_argument("--reuse", type=int, default=0, help="fast mode: examples drawn from each sampled trajectory (default 0: sample steps x batch size / trajectories, so each batch of trajectories serves about sample-steps updates)")
+    parser.add_argument("--batch-size", type=int, default=1, help="examples per update, of the erased texts and again of the preserved ones (paper: 1)")
     parser.add_argument("--rank", type=int, default=0, help="0: full-rank deltas; r > 0: LoRA-style rank-r factors (for esd-u/esd-all memory)")
     parser.add_argument("--resolution", type=int, help="training image size in pixels (default: the UNet's native size)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, slower updates")
@@ -128,11 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def erase_config(args, concept: str, method: str) -> EraseConfig:
     """An EraseConfig from parsed arguments, filling what was left out from the model's defaults."""
-    preset = defaults_for(args.model, resolve_method(method))
+    preset = defaults_for(args.model, resolve_method(method), concept)
     chosen = {field: getattr(args, field) if getattr(args, field) is not None else preset[field] for field in PRESET_FIELDS}
     return EraseConfig(
         concept=concept, erase_from=args.erase_from, method=method, sample_with=args.sample_with,
-        mode=args.mode, reuse=args.reuse, rank=args.rank, seed=args.seed, **chosen,
+        mode=args.mode, trajectories=args.trajectories, reuse=args.reuse, batch_size=args.batch_size, rank=args.rank,
+        preserve_weight=args.preserve_weight, seed=args.seed, **chosen,
     )
 
 

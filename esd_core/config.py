@@ -23,8 +23,12 @@ class EraseConfig:
     sample_guidance: float = 3.0
     sample_with: str = "trained"
     mode: str = "fast"
-    reuse: int = 0  # fast mode: updates per sampled trajectory (0: one per sampling step)
+    batch_size: int = 1  # examples of each stream (erased, preserved) per update
+    trajectories: int = 8  # fast mode: trajectories sampled together in one batched pass
+    reuse: int = 0  # fast mode: examples drawn from each sampled trajectory (0: sample_steps * batch_size // trajectories)
     rank: int = 0  # 0: full-rank deltas; r > 0: LoRA-style factors of rank r
+    preserve: str = ""  # comma-separated texts whose predictions the erasure must leave as they were
+    preserve_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -32,6 +36,9 @@ class EraseConfig:
         if not parse_concepts(self.concept):
             raise ValueError("The concept is empty. Give the text to erase, e.g. --concept 'Van Gogh' (comma-separate several).")
         concept_pairs(self.concept, self.erase_from)  # raises on a length mismatch
+        erased_and_kept = set(parse_concepts(self.concept)) & set(parse_concepts(self.preserve))
+        if erased_and_kept:
+            raise ValueError(f"{sorted(erased_and_kept)} is both erased and preserved. Remove it from --preserve.")
         if self.iterations <= 0:
             raise ValueError(f"iterations must be a positive whole number, got {self.iterations}. Try 1000 (the paper's).")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -44,8 +51,14 @@ class EraseConfig:
             raise ValueError(f"sample_guidance must be a finite number, got {self.sample_guidance}. Try 3.0.")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive whole number, got {self.batch_size}. Try 1 (the paper's).")
+        if self.trajectories <= 0:
+            raise ValueError(f"trajectories must be a positive whole number, got {self.trajectories}. Try 8.")
         if self.reuse < 0 or self.rank < 0:
             raise ValueError(f"reuse and rank must be 0 or more, got reuse={self.reuse}, rank={self.rank}.")
+        if not (math.isfinite(self.preserve_weight) and self.preserve_weight >= 0):
+            raise ValueError(f"preserve_weight must be a finite number >= 0, got {self.preserve_weight}. Try 1.0.")
         if self.sample_with not in SAMPLE_WITH_CHOICES:
             raise ValueError(f"sample_with must be one of {SAMPLE_WITH_CHOICES}, got {self.sample_with!r}.")
 
@@ -53,6 +66,13 @@ class EraseConfig:
     def pairs(self) -> list[tuple[str, str]]:
         """The (concept, erase_from) pairs the loop draws from."""
         return concept_pairs(self.concept, self.erase_from)
+
+    @property
+    def preserved(self) -> list[str]:
+        """The texts the preservation term keeps unchanged (none: plain ESD). The empty prompt is always among
+        them: classifier-free guidance uses its prediction for every image, so it must not drift."""
+        texts = parse_concepts(self.preserve)
+        return ["", *texts] if texts and self.preserve_weight > 0 else []
 
     def as_metadata(self) -> dict[str, str]:
         """Every setting as strings, for the safetensors header."""

@@ -5,11 +5,16 @@ from noise, conditioned on f; ask the frozen model for e0 (prompt ""), ec and ef
 that the erased model, conditioned on f, predicts ``e0 - eta * (ec - e0)`` (the paper's formula) when
 f == c, and ``ef - eta * (ec - e0)`` when erasing c from another text f.
 
+With texts to preserve, a second stream of examples is sampled the same way under those texts (and the
+empty prompt), with the frozen model's own prediction as the target; each update adds its MSE, weighted
+by ``preserve_weight``, so that the erasure spares what it should not touch.
+
 Two modes feed the same update with the same distribution of (x_t, t):
 - reference: a fresh partial trajectory for every update, as the paper does;
-- fast: one trajectory serves ``reuse`` updates, at step counts drawn uniformly (chained random
-  permutations), so no state is more than ``reuse`` updates stale; the frozen predictions for its
-  states are computed once each, in batches.
+- fast: ``trajectories`` trajectories are sampled together in one batched pass and each gives ``reuse``
+  examples, at step counts drawn uniformly (chained random permutations), served in shuffled order; so
+  no state is older than one batch of trajectories, and the frozen predictions for each state are
+  computed once, in batches.
 """
 
 from collections.abc import Callable, Iterator
@@ -24,6 +29,9 @@ from .host import ErasureHost
 from .methods import select_parameters
 from .sampling import ddim_scheduler, ddim_trajectory
 from .trainable import TrainableDelta
+
+# (concept, source): erase concept from source; (None, text): keep the prediction for text as it was.
+Pair = tuple[str | None, str]
 
 # Called after every update with (iteration index, loss); a host may raise from it to cancel.
 ProgressCallback = Callable[[int, float], None]
@@ -58,72 +66,88 @@ class TrainingRun:
 
     def __init__(self, host: ErasureHost, delta: TrainableDelta, config: EraseConfig, generator: torch.Generator):
         self.host, self.delta, self.config, self.generator = host, delta, config, generator
-        self.conds = {text: host.encode(text) for text in ["", *(t for pair in config.pairs for t in pair)]}
+        texts = ["", *(t for pair in config.pairs for t in pair), *config.preserved]
+        self.conds = {text: host.encode(text) for text in texts}
         self.scheduler = ddim_scheduler(host.alphas_cumprod, config.sample_steps)
 
     def draw(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.generator))
 
-    def draw_pair(self) -> tuple[str, str]:
-        pairs = self.config.pairs
+    def draw_pair(self, pairs: list[Pair]) -> Pair:
         return pairs[self.draw(len(pairs))]
 
-    def trajectory(self, source: str, steps: int) -> list[tuple[torch.Tensor, int]]:
-        """States 0..steps of a guided trajectory under f, sampled by the trained or the frozen model."""
+    def permuted(self, n: int, count: int) -> list[int]:
+        """``count`` draws from range(n): random permutations, chained, so every value comes up equally often."""
+        rounds = -(-count // n)
+        return torch.cat([torch.randperm(n, generator=self.generator) for _ in range(rounds)])[:count].tolist()
+
+    def trajectories(self, sources: list[str], steps: int) -> list[tuple[torch.Tensor, int]]:
+        """States 0..steps of guided trajectories, one row per source text, sampled together by the trained
+        or the frozen model."""
         with self.delta.switched(self.config.sample_with == "trained"):
-            c = self.conds
-            return ddim_trajectory(self.host, self.scheduler, steps, c[source], c[""], self.config.sample_guidance, self.generator)
+            conds = [self.conds[source] for source in sources]
+            return ddim_trajectory(self.host, self.scheduler, steps, conds, self.conds[""], self.config.sample_guidance, self.generator)
 
     @torch.no_grad()
-    def targets(self, states: list[tuple[torch.Tensor, int]], concept: str, source: str) -> list[torch.Tensor]:
-        """The frozen model's targets for several states of one pair, in one batched pass."""
-        texts = ["", concept] if concept == source else ["", concept, source]
+    def targets(self, states: list[tuple[torch.Tensor, int]], pair: Pair) -> list[torch.Tensor]:
+        """The frozen model's targets for several states of one pair, in one batched pass: the ESD target for
+        an erased (concept, source) pair, the frozen prediction itself for a preserved (None, text) pair."""
+        concept, source = pair
+        texts = [source] if concept is None else ["", concept] if concept == source else ["", concept, source]
         rows = len(texts)
         x = torch.cat([x_t for x_t, _ in states]).repeat_interleave(rows, dim=0)
         timesteps = torch.tensor([t for _, t in states]).repeat_interleave(rows)
         with self.delta.switched(False):
             eps = self.host.predict_eps(x, timesteps, [self.conds[t] for t in texts] * len(states))
         eps = eps.view(len(states), rows, *eps.shape[1:])
+        if concept is None:
+            return list(eps[:, 0])
         ef = eps[:, 2] if rows == 3 else None
         return list(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta))
 
 
-def reference_examples(run: TrainingRun) -> Iterator[TrainingExample]:
+def reference_examples(run: TrainingRun, pairs: list[Pair]) -> Iterator[TrainingExample]:
     """The paper's loop: a fresh partial trajectory, from fresh noise, for every update."""
     while True:
-        concept, source = run.draw_pair()
-        x_t, timestep = run.trajectory(source, run.draw(run.config.sample_steps))[-1]
-        yield TrainingExample(x_t, timestep, source, run.targets([(x_t, timestep)], concept, source)[0])
+        pair = run.draw_pair(pairs)
+        x_t, timestep = run.trajectories([pair[1]], run.draw(run.config.sample_steps))[-1]
+        yield TrainingExample(x_t, timestep, pair[1], run.targets([(x_t, timestep)], pair)[0])
 
 
-def reused_trajectory_examples(run: TrainingRun) -> Iterator[TrainingExample]:
-    """Fast mode: one trajectory serves ``reuse`` updates. The step counts are random permutations of all
-    counts, chained, so each is drawn uniformly; a ``reuse`` above ``sample_steps`` visits states again."""
-    steps = run.config.sample_steps
-    reuse = run.config.reuse or steps
+def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair]) -> Iterator[TrainingExample]:
+    """Fast mode: ``trajectories`` trajectories are sampled together and each gives ``reuse`` examples, at step
+    counts drawn without repeats (chained random permutations), in shuffled order. So no state is more than
+    ``trajectories * reuse`` examples stale, and every pair and step count comes up equally often."""
+    steps, count = run.config.sample_steps, run.config.trajectories
+    reuse = run.config.reuse or max(1, steps * run.config.batch_size // count)  # a batch serves ~``steps`` updates
     while True:
-        concept, source = run.draw_pair()
-        rounds = -(-reuse // steps)
-        chosen = torch.cat([torch.randperm(steps, generator=run.generator) for _ in range(rounds)])[:reuse].tolist()
-        states = run.trajectory(source, max(chosen))
-        distinct = sorted(set(chosen))
-        targets = {}
-        for start in range(0, len(distinct), FROZEN_STATES_PER_PASS):
-            batch = distinct[start : start + FROZEN_STATES_PER_PASS]
-            targets.update(zip(batch, run.targets([states[k] for k in batch], concept, source)))
-        for k in chosen:
-            x_t, timestep = states[k]
-            yield TrainingExample(x_t, timestep, source, targets[k])
+        batch = [pairs[i] for i in run.permuted(len(pairs), count)]
+        chosen = [run.permuted(steps, reuse) for _ in batch]
+        states = run.trajectories([source for _, source in batch], max(max(ks) for ks in chosen))
+        examples = []
+        for row, (pair, ks) in enumerate(zip(batch, chosen)):
+            row_states = {k: (states[k][0][row : row + 1], states[k][1]) for k in ks}
+            distinct = sorted(row_states)
+            targets = {}
+            for start in range(0, len(distinct), FROZEN_STATES_PER_PASS):
+                group = distinct[start : start + FROZEN_STATES_PER_PASS]
+                targets.update(zip(group, run.targets([row_states[k] for k in group], pair)))
+            examples += [TrainingExample(*row_states[k], pair[1], targets[k]) for k in ks]
+        for i in torch.randperm(len(examples), generator=run.generator).tolist():
+            yield examples[i]
 
 
 EXAMPLE_SOURCES = {"reference": reference_examples, "fast": reused_trajectory_examples}
 
 
-def update(run: TrainingRun, optimizer: torch.optim.Optimizer, example: TrainingExample, iteration: int) -> float:
-    """One optimizer step on the MSE between the trained prediction and the example's target; returns the loss."""
+def update(run: TrainingRun, optimizer: torch.optim.Optimizer, examples: list[TrainingExample], weights: list[float], iteration: int) -> float:
+    """One optimizer step on the weighted sum of the MSEs between the trained predictions and the examples'
+    targets, all predicted in one batch; returns the loss."""
+    x = torch.cat([example.x_t for example in examples])
+    timesteps = torch.tensor([example.timestep for example in examples])
     with run.delta.switched(True):  # also through backward, which may recompute checkpointed activations
-        prediction = run.host.predict_eps(example.x_t, example.timestep, [run.conds[example.source]])[0]
-        loss = F.mse_loss(prediction, example.target.float())
+        predictions = run.host.predict_eps(x, timesteps, [run.conds[example.source] for example in examples])
+        loss = sum(w * F.mse_loss(p, example.target.float()) for p, example, w in zip(predictions, examples, weights))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"The loss became {loss.item()} at iteration {iteration + 1}; nothing was saved. "
@@ -135,19 +159,28 @@ def update(run: TrainingRun, optimizer: torch.optim.Optimizer, example: Training
     return loss.item()
 
 
+def run_updates(run: TrainingRun, optimizer: torch.optim.Optimizer, progress: ProgressCallback | None = None) -> None:
+    """The loop: ``iterations`` updates, each on ``batch_size`` examples of the erased pairs (and as many of the
+    preserved texts), drawn by the configured mode."""
+    config = run.config
+    examples = EXAMPLE_SOURCES[config.mode]
+    streams = [(examples(run, config.pairs), 1.0)]
+    if config.preserved:
+        streams.append((examples(run, [(None, text) for text in config.preserved]), config.preserve_weight))
+    for iteration in range(config.iterations):
+        batch = [(next(stream), weight / config.batch_size) for stream, weight in streams for _ in range(config.batch_size)]
+        loss = update(run, optimizer, [example for example, _ in batch], [weight for _, weight in batch], iteration)
+        if progress is not None:
+            progress(iteration, loss)
+
+
 def train_erasure(host: ErasureHost, config: EraseConfig, progress: ProgressCallback | None = None) -> TrainableDelta:
     """Train the delta that erases ``config.concept`` from the host's UNet; the UNet itself is left untouched."""
     generator = torch.Generator().manual_seed(config.seed)
     delta = TrainableDelta(select_parameters(host.layer_tensors(), config.method), config.rank, generator)
     optimizer = torch.optim.Adam(delta.parameters(), lr=config.lr, foreach=False)  # no per-step copies of the state
-    run = TrainingRun(host, delta, config, generator)
-
     with host.attach(delta):
-        examples = EXAMPLE_SOURCES[config.mode](run)
-        for iteration in range(config.iterations):
-            loss = update(run, optimizer, next(examples), iteration)
-            if progress is not None:
-                progress(iteration, loss)
+        run_updates(TrainingRun(host, delta, config, generator), optimizer, progress)
     return delta
 
 

@@ -1,15 +1,17 @@
 """Default erase settings: the paper's for any Stable Diffusion model, tuned ones for the shipped tiny world.
 
 The tiny world's UNet and text encoder are a few million parameters trained on synthetic shapes; the
-paper's lr 1e-5 for 1000 iterations barely moves them (DESIGN.md section 4), so it gets its own
-settings, the same for every concept.
+paper's lr 1e-5 for 1000 iterations barely moves them (DESIGN.md section 4), and without a preservation
+term an erased shape takes its neighbours with it. So it gets its own settings, the same rule for every
+concept: a higher rate, and the world's other shapes and colours as texts to preserve.
 """
 
 import os
 
-from .tinyworld.world import DEFAULT_MODEL_DIR
+from .config import parse_concepts
+from .tinyworld.world import COLOURS, DEFAULT_MODEL_DIR, SHAPES, SYNONYMS
 
-PAPER = dict(iterations=1000, lr=1e-5, eta=1.0, sample_steps=50, sample_guidance=3.0)
+PAPER = dict(iterations=1000, lr=1e-5, eta=1.0, sample_steps=50, sample_guidance=3.0, preserve="")
 TINY_WORLD = dict(iterations=300, lr=1e-3, eta=1.0, sample_steps=50, sample_guidance=3.0)
 # Methods that train (nearly) the whole UNet wreck every concept at 1e-3 on the tiny world (measured: after
 # erasing circle with esd-u, the other shapes fell from 97% to 0%); they get a lower rate.
@@ -20,8 +22,16 @@ def is_tiny_world(model: str | None) -> bool:
     return model is None or os.path.realpath(model) == os.path.realpath(DEFAULT_MODEL_DIR)
 
 
-def defaults_for(model: str | None, method: str) -> dict:
+def tiny_world_preserve(concept: str) -> str:
+    """Every shape and colour of the tiny world that the erased texts do not name (by name or synonym)."""
+    erased_words = {word for text in parse_concepts(concept) for word in text.split()}
+    kept = [c for c in SHAPES + COLOURS if c not in erased_words and SYNONYMS[c] not in erased_words]
+    return ", ".join(kept)
+
+
+def defaults_for(model: str | None, method: str, concept: str) -> dict:
     """The settings a user gets for what they leave out: tiny-world ones for the shipped model, else the paper's."""
     if not is_tiny_world(model):
         return PAPER
-    return {**TINY_WORLD, "lr": TINY_WORLD_LR_BY_METHOD.get(method, TINY_WORLD["lr"])}
+    lr = TINY_WORLD_LR_BY_METHOD.get(method, TINY_WORLD["lr"])
+    return {**TINY_WORLD, "lr": lr, "preserve": tiny_world_preserve(concept)}

@@ -29,25 +29,26 @@ def ddim_trajectory(
     host: ErasureHost,
     scheduler: DDIMScheduler,
     steps: int,
-    cond,
+    conds: list,
     uncond,
     guidance: float,
     generator: torch.Generator,
 ) -> list[tuple[torch.Tensor, int]]:
-    """Run ``steps`` guided DDIM steps from Gaussian noise; return every state as (latent, 1000-step timestep).
+    """Run ``steps`` guided DDIM steps from Gaussian noise, one trajectory per cond, all in one batch; return
+    every state as (latents, one row per cond; 1000-step timestep).
 
     What "right" means: the noise starts at ``scheduler.timesteps[0]`` and each DDIM step moves the latent
     from ``timesteps[i]`` to ``timesteps[i + 1]``. So state k (after k steps) carries the noise level of
     ``timesteps[k]``, and that is the timestep the loss must be computed at. (The reference code maps the
     step index to the 1000-step schedule one step late.)
     """
-    noise = torch.randn((1, *host.latent_shape), generator=generator, dtype=torch.float32)
+    rows = len(conds)
+    noise = torch.randn((rows, *host.latent_shape), generator=generator, dtype=torch.float32)
     x = noise.to(host.device) * scheduler.init_noise_sigma
     states = [(x, int(scheduler.timesteps[0]))]
     for step in range(steps):
         timestep = int(scheduler.timesteps[step])
-        eps_uncond, eps_cond = host.predict_eps(x, timestep, [uncond, cond]).chunk(2)
+        eps_uncond, eps_cond = host.predict_eps(torch.cat([x, x]), timestep, [uncond] * rows + conds).chunk(2)
         x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), timestep, x).prev_sample
         states.append((x, int(scheduler.timesteps[step + 1])))
     return states
-

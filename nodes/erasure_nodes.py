@@ -124,7 +124,7 @@ class EraseConcept(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "reuse", default=0, min=0, max=1000,
-                    tooltip="fast mode: updates per sampled trajectory. 0: one per sampling step.",
+                    tooltip="fast mode: examples drawn from each sampled trajectory. 0: sample_steps x batch_size / trajectories.",
                 ),
                 io.Int.Input(
                     "rank", default=0, min=0, max=1024,
@@ -140,6 +140,23 @@ class EraseConcept(io.ComfyNode):
                     tooltip="Image size (pixels) of the samples trained on. 0: the model's own (SD1 512, SD2 768, SDXL 1024); "
                     "smaller is faster.",
                 ),
+                io.String.Input(
+                    "preserve", default="", multiline=True,
+                    tooltip="Optional: comma-separated texts the erasure must leave as they were (e.g. other artists, "
+                    "related objects). Each update then also trains on one of them, towards the original prediction.",
+                ),
+                io.Float.Input(
+                    "preserve_weight", default=1.0, min=0.0, max=1000.0, step=0.1,
+                    tooltip="Weight of the preservation term against the erasure term (0: off).",
+                ),
+                io.Int.Input(
+                    "trajectories", default=8, min=1, max=256,
+                    tooltip="fast mode: trajectories sampled together in one batched pass (more: more varied x_t).",
+                ),
+                io.Int.Input(
+                    "batch_size", default=1, min=1, max=256,
+                    tooltip="Examples per update, of the erased texts and again of the preserved ones. The paper uses 1.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="A copy of the input model with the erasure applied."),
@@ -151,12 +168,14 @@ class EraseConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept, method, iterations, learning_rate, negative_guidance, sample_steps,
                 sample_guidance, seed, erase_from="", sample_with="trained", mode="fast", reuse=0, rank=0,
-                resolution=0) -> io.NodeOutput:  # defaults: callers from before an input existed
+                resolution=0, preserve="", preserve_weight=1.0, trajectories=8, batch_size=1) -> io.NodeOutput:
+        # the defaults serve callers (and saved workflows) from before an input existed
         config = EraseConfig(
             concept=concept, erase_from=erase_from or "", method=method, iterations=int(iterations), lr=float(learning_rate),
             eta=float(negative_guidance), sample_steps=int(sample_steps), sample_guidance=float(sample_guidance),
             sample_with=sample_with or "trained", seed=int(seed), mode=mode or "fast", reuse=int(reuse or 0),
-            rank=int(rank or 0),
+            rank=int(rank or 0), preserve=preserve or "", preserve_weight=float(preserve_weight),
+            trajectories=int(trajectories or 8), batch_size=int(batch_size or 1),
         )
         losses: list[float] = []
         bar = comfy.utils.ProgressBar(config.iterations)

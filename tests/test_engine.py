@@ -149,20 +149,34 @@ def test_reference_mode_draws_a_fresh_trajectory_per_update(tiny_folders):
 
 
 @pytest.mark.parametrize("reuse", [10, 20])
-def test_fast_mode_visits_every_step_count_of_one_trajectory_per_round(tiny_folders, reuse):
+def test_fast_mode_serves_every_step_count_equally_from_a_batch_of_trajectories(tiny_folders, reuse):
     from esd_core.esd import TrainingRun, reused_trajectory_examples
     from esd_core.trainable import TrainableDelta
 
     host = host_for(tiny_folders["sd1"])
-    config = quick_config(sample_steps=10, reuse=reuse)
+    config = quick_config(sample_steps=10, trajectories=2, reuse=reuse)
     run = TrainingRun(host, TrainableDelta({}), config, torch.Generator().manual_seed(0))
-    examples = reused_trajectory_examples(run)
-    timesteps = [next(examples).timestep for _ in range(reuse)]
-    every_count = [int(t) for t in run.scheduler.timesteps]
-    for start in range(0, reuse, 10):  # each block of 10 updates is a permutation of all step counts
-        block = timesteps[start : start + 10]
-        assert sorted(block) == sorted(every_count)
-        assert block != sorted(block, reverse=True)
+    examples = reused_trajectory_examples(run, config.pairs)
+    batch = [next(examples) for _ in range(2 * reuse)]  # one batch of trajectories serves 2 * reuse updates
+    timesteps = [int(example.timestep) for example in batch]
+    for t in run.scheduler.timesteps:  # every step count, reuse / 10 times per trajectory
+        assert timesteps.count(int(t)) == 2 * reuse // 10
+    assert timesteps != sorted(timesteps, reverse=True)
+    assert len({example.x_t.data_ptr() for example in batch}) == 2 * min(reuse, 10)  # distinct states of both trajectories
+
+
+def test_batched_trajectories_equal_one_at_a_time(tiny_folders):
+    from esd_core.esd import TrainingRun
+    from esd_core.trainable import TrainableDelta
+
+    host = host_for(tiny_folders["sd1"])
+    def states(sources):
+        run = TrainingRun(host, TrainableDelta({}), quick_config(concept="red, blue", sample_steps=6), torch.Generator().manual_seed(0))
+        return run.trajectories(sources, 5)
+    batched, single = states(["red", "blue"]), states(["red"])
+    assert batched[-1][0].shape[0] == 2 and batched[-1][1] == single[-1][1]
+    assert torch.allclose(batched[-1][0][:1], single[-1][0], atol=1e-4)  # same noise row, same cond
+    assert not torch.allclose(batched[-1][0][:1], batched[-1][0][1:], atol=1e-2)
 
 
 def test_batched_frozen_targets_equal_one_at_a_time(tiny_folders):
@@ -171,10 +185,47 @@ def test_batched_frozen_targets_equal_one_at_a_time(tiny_folders):
 
     host = host_for(tiny_folders["sd1"])
     run = TrainingRun(host, TrainableDelta({}), quick_config(erase_from="blue", sample_steps=6), torch.Generator().manual_seed(0))
-    states = run.trajectory("blue", 5)
-    batched = run.targets(states, "red", "blue")
-    single = [run.targets([state], "red", "blue")[0] for state in states]
+    states = run.trajectories(["blue"], 5)
+    batched = run.targets(states, ("red", "blue"))
+    single = [run.targets([state], ("red", "blue"))[0] for state in states]
     assert all(torch.allclose(b, s, atol=1e-5) for b, s in zip(batched, single))
+
+
+def test_preservation_targets_the_frozen_prediction_and_adds_nothing_at_the_start(tiny_folders):
+    """At iteration 0 the delta is zero, so the preserved texts' predictions equal their targets: the first
+    loss is the erasure term alone, on the same x_t as without preservation; later updates feel the term."""
+    plain, preserving = [], []
+    train_erasure(host_for(tiny_folders["sd1"]), quick_config(iterations=3, mode="reference"), lambda i, loss: plain.append(loss))
+    config = quick_config(iterations=3, mode="reference", preserve="blue, green", preserve_weight=5.0)
+    assert config.preserved == ["", "blue", "green"]
+    train_erasure(host_for(tiny_folders["sd1"]), config, lambda i, loss: preserving.append(loss))
+    assert preserving[0] == pytest.approx(plain[0], rel=1e-5)
+
+
+def test_preservation_keeps_the_preserved_prediction_closer_to_the_original(tiny_folders):
+    """Erase red with and without preserving blue; compare how far the prediction for blue moved, on states of
+    a blue trajectory of the original model."""
+    from esd_core.esd import TrainingRun
+    from esd_core.trainable import TrainableDelta
+
+    def blue_change(**preservation):
+        host = host_for(tiny_folders["sd1"])
+        run = TrainingRun(host, TrainableDelta({}), quick_config(concept="blue", sample_steps=8), torch.Generator().manual_seed(1))
+        states = run.trajectories(["blue"] * 2, 6)[1::2]  # 3 states of 2 trajectories
+        x_t = torch.cat([x for x, _ in states])
+        timesteps = torch.tensor([t for _, t in states]).repeat_interleave(2)
+        blue = [host.encode("blue")] * len(x_t)
+        original = host.predict_eps(x_t, timesteps, blue)
+        delta = train_erasure(host, quick_config(iterations=40, lr=1e-3, sample_steps=8, **preservation))
+        with host.attach(delta), delta.switched(True), torch.no_grad():
+            return (host.predict_eps(x_t, timesteps, blue) - original).norm().item()
+
+    assert blue_change(preserve="blue", preserve_weight=10.0) < 0.75 * blue_change()  # measured: 0.59 vs 0.95
+
+
+def test_preserving_the_erased_concept_is_refused():
+    with pytest.raises(ValueError, match="both erased and preserved"):
+        quick_config(concept="red, blue", preserve="green, blue")
 
 
 def test_low_rank_delta_is_a_product_and_saves_full_shape(tiny_folders):
@@ -217,3 +268,10 @@ def test_gradient_checkpointing_trains_the_same_delta(tiny_folders):
     checkpointed = train_erasure(DiffusersHost(load_pipeline(tiny_folders["sd1"]), gradient_checkpointing=True), config).detached()
     assert all(torch.allclose(plain[name], checkpointed[name], atol=1e-6) for name in plain)
     assert any(t.abs().max() > 0 for t in plain.values())
+
+
+def test_an_update_trains_on_batch_size_examples_of_each_stream(tiny_folders):
+    host = RecordingHost(load_pipeline(tiny_folders["sd1"]))
+    train_erasure(host, quick_config(iterations=2, batch_size=2, preserve="blue"))
+    x_t, timesteps = host.last_call
+    assert x_t.shape[0] == 4 and len(timesteps) == 4  # 2 erased + 2 preserved examples, one pass

@@ -133,3 +133,13 @@ def test_evaluate_without_delta_has_no_after(monkeypatch):
     assert result["concept"] == "red" and result["kind"] == "colour"
     assert all(g["after"] is None for g in result["groups"])
     assert set(result["summary"]) == {"before"}
+
+
+def test_tiny_world_preserves_every_concept_the_erased_texts_do_not_name():
+    from esd_core.presets import defaults_for
+
+    assert defaults_for(None, "esd-u", "circle")["preserve"] == "square, triangle, star, red, green, blue, yellow"
+    assert "circle" not in defaults_for(None, "esd-x", "disc")["preserve"]  # a synonym names its concept
+    kept = defaults_for(None, "esd-x", "crimson star, blue")["preserve"].split(", ")
+    assert kept == ["circle", "square", "triangle", "green", "yellow"]
+    assert defaults_for("/some/other/model", "esd-x", "circle")["preserve"] == ""  # elsewhere: the paper's, none
