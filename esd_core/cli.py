@@ -58,7 +58,7 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="fast", choices=MODES, help="fast (default): one sampled trajectory serves several updates; reference: a fresh trajectory per update, as the paper")
     parser.add_argument("--trajectories", type=int, default=8, help="fast mode: trajectories sampled together in one batched pass")
     parser.add_argument("--reuse", type=int, default=0, help="fast mode: examples drawn from each sampled trajectory (default 0: sample steps x batch size / trajectories, so each batch of trajectories serves about sample-steps updates)")
-    parser.add_argument("--batch-size", type=int, default=1, help="examples per update, of the erased texts and again of the preserved ones (paper: 1)")
+    parser.add_argument("--batch-size", type=int, help=f"examples per update, of the erased texts and again of the preserved ones (paper: 1; tiny world: {TINY_WORLD['batch_size']})")
     parser.add_argument("--rank", type=int, default=0, help="0: full-rank deltas; r > 0: LoRA-style rank-r factors (for esd-u/esd-all memory)")
     parser.add_argument("--resolution", type=int, help="training image size in pixels (default: the UNet's native size)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, slower updates")
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(demo)
     demo.add_argument("--concept", default="circle", help="a shape or colour of the tiny world")
     _add_erase_arguments(demo)
-    demo.add_argument("--n", type=int, default=64, help="images per prompt group in the evaluation")
+    demo.add_argument("--n", type=int, default=32, help="images per prompt group in the evaluation (esd-erase eval defaults to 64)")
     demo.add_argument("--out-dir", default="esd-demo", help="where the delta, JSON and grid go")
 
     bench = commands.add_parser("bench", help="time and memory: fast vs reference (vs a two-UNet baseline); prints JSON")
@@ -136,7 +136,7 @@ def erase_config(args, concept: str, method: str) -> EraseConfig:
     chosen = {field: getattr(args, field) if getattr(args, field) is not None else preset[field] for field in PRESET_FIELDS}
     return EraseConfig(
         concept=concept, erase_from=args.erase_from, method=method, sample_with=args.sample_with,
-        mode=args.mode, trajectories=args.trajectories, reuse=args.reuse, batch_size=args.batch_size, rank=args.rank,
+        mode=args.mode, trajectories=args.trajectories, reuse=args.reuse, rank=args.rank,
         preserve_weight=args.preserve_weight, seed=args.seed, **chosen,
     )
 

@@ -141,20 +141,20 @@ class EraseConcept(io.ComfyNode):
                     "smaller is faster.",
                 ),
                 io.String.Input(
-                    "preserve", default="", multiline=True,
+                    "preserve", default="", optional=True, multiline=True,
                     tooltip="Optional: comma-separated texts the erasure must leave as they were (e.g. other artists, "
                     "related objects). Each update then also trains on one of them, towards the original prediction.",
                 ),
                 io.Float.Input(
-                    "preserve_weight", default=1.0, min=0.0, max=1000.0, step=0.1,
+                    "preserve_weight", default=1.0, optional=True, min=0.0, max=1000.0, step=0.1,
                     tooltip="Weight of the preservation term against the erasure term (0: off).",
                 ),
                 io.Int.Input(
-                    "trajectories", default=8, min=1, max=256,
+                    "trajectories", default=8, optional=True, min=1, max=256,
                     tooltip="fast mode: trajectories sampled together in one batched pass (more: more varied x_t).",
                 ),
                 io.Int.Input(
-                    "batch_size", default=1, min=1, max=256,
+                    "batch_size", default=1, optional=True, min=1, max=256,
                     tooltip="Examples per update, of the erased texts and again of the preserved ones. The paper uses 1.",
                 ),
             ],
