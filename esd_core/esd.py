@@ -46,7 +46,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainingExample:
-    """One update's input: the latent, its timestep, the text the prediction is conditioned on, and the target."""
+    """One training example: the latent, its timestep, the text the prediction is conditioned on, and the target."""
 
     x_t: torch.Tensor
     timestep: int

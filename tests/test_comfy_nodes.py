@@ -143,6 +143,22 @@ def test_bad_training_inputs_give_clear_errors(env, loaded):
         erase.execute(concept="a, b, c", erase_from="x, y", **common)
     with pytest.raises(ValueError, match="multiple of 8"):
         erase.execute(concept="cat", **{**common, "resolution": 60})
+    with pytest.raises(ValueError, match="both erased and preserved"):
+        erase.execute(concept="cat", preserve="dog, cat", **common)
+
+
+def test_preservation_and_batches_train_inside_comfyui(env, loaded):
+    """The node's preserve / batch_size / trajectories inputs reach the loop, and the file records them."""
+    model, clip = loaded
+    with torch.inference_mode():
+        _, erasure, curve = env["node"]["ESDEraseConcept"].execute(
+            model=model, clip=clip, concept="cat", method="esd-x", iterations=2, learning_rate=1e-3,
+            negative_guidance=1.0, sample_steps=4, sample_guidance=3.0, seed=1, resolution=64,
+            preserve="dog, a bird", preserve_weight=2.0, trajectories=2, batch_size=2,
+        ).args
+    settings = erasure.metadata
+    assert (settings["preserve"], settings["preserve_weight"], settings["batch_size"]) == ("dog, a bird", "2.0", "2")
+    assert any(tensor.abs().max() > 0 for tensor in erasure.deltas.values())
 
 
 def test_interrupt_stops_training_and_leaves_everything_as_it_was(env, loaded):
