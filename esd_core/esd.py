@@ -36,7 +36,7 @@ Pair = tuple[str | None, str]
 # Called after every update with (iteration index, loss); a host may raise from it to cancel.
 ProgressCallback = Callable[[int, float], None]
 
-# Frozen predictions are batched this many states at a time in fast mode.
+# Frozen predictions are batched this many states at a time.
 FROZEN_STATES_PER_PASS = 8
 
 
@@ -90,20 +90,25 @@ class TrainingRun:
 
     @torch.no_grad()
     def targets(self, states: list[tuple[torch.Tensor, int]], pair: Pair) -> list[torch.Tensor]:
-        """The frozen model's targets for several states of one pair, in one batched pass: the ESD target for
-        an erased (concept, source) pair, the frozen prediction itself for a preserved (None, text) pair."""
+        """The frozen model's targets for several states of one pair, ``FROZEN_STATES_PER_PASS`` states per
+        batched pass: the ESD target for an erased (concept, source) pair, the frozen prediction itself for a
+        preserved (None, text) pair."""
         concept, source = pair
         texts = [source] if concept is None else ["", concept] if concept == source else ["", concept, source]
         rows = len(texts)
-        x = torch.cat([x_t for x_t, _ in states]).repeat_interleave(rows, dim=0)
-        timesteps = torch.tensor([t for _, t in states]).repeat_interleave(rows)
-        with self.delta.switched(False):
-            eps = self.host.predict_eps(x, timesteps, [self.conds[t] for t in texts] * len(states))
-        eps = eps.view(len(states), rows, *eps.shape[1:])
-        if concept is None:
-            return list(eps[:, 0])
-        ef = eps[:, 2] if rows == 3 else None
-        return list(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta))
+        targets = []
+        for start in range(0, len(states), FROZEN_STATES_PER_PASS):
+            group = states[start : start + FROZEN_STATES_PER_PASS]
+            x = torch.cat([x_t for x_t, _ in group]).repeat_interleave(rows, dim=0)
+            timesteps = torch.tensor([t for _, t in group]).repeat_interleave(rows)
+            with self.delta.switched(False):
+                eps = self.host.predict_eps(x, timesteps, [self.conds[t] for t in texts] * len(group))
+            eps = eps.view(len(group), rows, *eps.shape[1:])
+            if concept is None:
+                targets += list(eps[:, 0])
+            else:
+                targets += list(esd_target(eps[:, 0], eps[:, 1], eps[:, 2] if rows == 3 else None, self.config.eta))
+        return targets
 
 
 def reference_examples(run: TrainingRun, pairs: list[Pair]) -> Iterator[TrainingExample]:
@@ -126,12 +131,8 @@ def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair]) -> Iterator[
         states = run.trajectories([source for _, source in batch], max(max(ks) for ks in chosen))
         examples = []
         for row, (pair, ks) in enumerate(zip(batch, chosen)):
-            row_states = {k: (states[k][0][row : row + 1], states[k][1]) for k in ks}
-            distinct = sorted(row_states)
-            targets = {}
-            for start in range(0, len(distinct), FROZEN_STATES_PER_PASS):
-                group = distinct[start : start + FROZEN_STATES_PER_PASS]
-                targets.update(zip(group, run.targets([row_states[k] for k in group], pair)))
+            row_states = {k: (states[k][0][row : row + 1], states[k][1]) for k in sorted(set(ks))}
+            targets = dict(zip(row_states, run.targets(list(row_states.values()), pair)))
             examples += [TrainingExample(*row_states[k], pair[1], targets[k]) for k in ks]
         for i in torch.randperm(len(examples), generator=run.generator).tolist():
             yield examples[i]
