@@ -144,12 +144,12 @@ def full_size_cases(family: str, device: str, dtype: str, resolution: int, itera
 
 def tiny_world_bench(concept: str, device: str, iterations: int | None, n: int) -> dict:
     """Reference and fast erasures of one tiny-world concept (same seeds and update budget), timed and evaluated."""
-    from .presets import defaults_for
+    from .presets import defaults_for, tiny_world_method
     from .tinyworld import world
     from .tinyworld.evaluate import evaluate
 
     concept = world.canonical(concept)
-    method = "esd-u" if world.kind_of(concept) == "shape" else "esd-x"
+    method = tiny_world_method(concept)
     config = {**defaults_for(None, method, concept), "concept": concept, "method": method, "seed": 0}
     if iterations:
         config["iterations"] = iterations

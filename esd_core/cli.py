@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .config import MODES, SAMPLE_WITH_CHOICES, EraseConfig
 from .erasure_file import SAVE_DTYPES, ErasureDelta, summary, write_atomically
 from .methods import TRAIN_METHODS, method_choices, resolve_method
-from .presets import PAPER, TINY_WORLD, TINY_WORLD_LR_BY_METHOD, defaults_for
+from .presets import PAPER, TINY_WORLD, TINY_WORLD_LR_BY_METHOD, defaults_for, tiny_world_method
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESET_FIELDS = tuple(PAPER)
@@ -214,7 +214,7 @@ def run_demo(args) -> None:
 
     start = time.perf_counter()
     concept = world.canonical(args.concept)
-    method = args.method or ("esd-u" if world.kind_of(concept) == "shape" else "esd-x")
+    method = args.method or tiny_world_method(concept)
     config = erase_config(args, concept, method)
     delta_path = os.path.join(args.out_dir, f"erase-{concept}-{config.method}.safetensors")
     erasure = train_with_progress(args, config)

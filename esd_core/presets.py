@@ -10,7 +10,7 @@ preserve.
 import os
 
 from .config import parse_concepts
-from .tinyworld.world import COLOURS, DEFAULT_MODEL_DIR, SHAPES, SYNONYMS
+from .tinyworld.world import COLOURS, DEFAULT_MODEL_DIR, SHAPES, SYNONYMS, kind_of
 
 PAPER = dict(iterations=1000, lr=1e-5, eta=1.0, sample_steps=50, sample_guidance=3.0, batch_size=1, preserve="")
 # batch_size 4: with one example per update, Adam's noise alone degraded the other shapes (measured, circle
@@ -23,6 +23,11 @@ TINY_WORLD_LR_BY_METHOD = {"esd-u": 3e-4, "esd-all": 3e-4}
 
 def is_tiny_world(model: str | None) -> bool:
     return model is None or os.path.realpath(model) == os.path.realpath(DEFAULT_MODEL_DIR)
+
+
+def tiny_world_method(concept: str) -> str:
+    """The method the issue's targets name for a tiny-world concept: esd-u for a shape, esd-x for a colour."""
+    return "esd-u" if kind_of(concept) == "shape" else "esd-x"
 
 
 def tiny_world_preserve(concept: str) -> str:

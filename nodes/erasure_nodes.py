@@ -143,7 +143,8 @@ class EraseConcept(io.ComfyNode):
                 io.String.Input(
                     "preserve", default="", optional=True, multiline=True,
                     tooltip="Optional: comma-separated texts the erasure must leave as they were (e.g. other artists, "
-                    "related objects). Each update then also trains on one of them, towards the original prediction.",
+                    "related objects). Each update then also trains on these texts and the empty prompt, towards the "
+                    "original model's predictions.",
                 ),
                 io.Float.Input(
                     "preserve_weight", default=1.0, optional=True, min=0.0, max=1000.0, step=0.1,
