@@ -10,7 +10,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .config import MODES, SAMPLE_WITH_CHOICES, EraseConfig
+from .config import BENCH_CASES, BENCH_RANKS, MODES, SAMPLE_WITH_CHOICES, EraseConfig
 from .erasure_file import SAVE_DTYPES, ErasureDelta, summary, write_atomically
 from .methods import TRAIN_METHODS, method_choices, resolve_method
 from .presets import PAPER, TINY_WORLD, TINY_WORLD_LR_BY_METHOD, defaults_for, tiny_world_method
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time and memory: fast vs reference (vs a two-UNet baseline); prints JSON")
     bench.add_argument("--random-weights", nargs="*", choices=("sd1", "sd2", "sdxl"), help="full-size UNets of these families with random weights")
+    bench.add_argument("--methods", nargs="+", default=list(BENCH_RANKS), choices=tuple(BENCH_RANKS), help="random weights: methods to measure (esd-u at rank 8)")
+    bench.add_argument("--cases", nargs="+", default=list(BENCH_CASES), choices=BENCH_CASES, help="random weights: which cases per method (checkpointing = fast with gradient checkpointing; two-unet = the reference scripts' frozen-copy layout)")
     bench.add_argument("--tiny-world", action="store_true", help="the shipped tiny world, with its evaluation")
     bench.add_argument("--concept", default="circle", help="tiny world: the concept to erase")
     bench.add_argument("--iterations", type=int, help="updates per case (random weights default 4; tiny world: its preset)")
@@ -233,7 +235,7 @@ def run_bench(args) -> None:
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
     report = {"device": device, "dtype": dtype}
     for family in args.random_weights or []:
-        cases = full_size_cases(family, device, dtype, args.resolution, args.iterations or 4, args.sample_steps)
+        cases = full_size_cases(family, device, dtype, args.resolution, args.iterations or 4, args.sample_steps, args.methods, args.cases)
         results = [measure(case) for case in tqdm(cases, desc=f"{family} cases")]
         report[family] = {"cases": results, "summary": summarize(results)}
         print(format_rows(report[family]["summary"]))

@@ -8,6 +8,11 @@ from .methods import resolve_method
 SAMPLE_WITH_CHOICES = ("trained", "frozen")
 MODES = ("fast", "reference")
 
+# What ``esd-erase bench`` measures on full-size UNets: the kinds of case, and the rank each method runs at
+# there (esd-u's full-rank delta would cost as much as a second UNet).
+BENCH_CASES = ("fast", "reference", "checkpointing", "two-unet")
+BENCH_RANKS = {"esd-x": 0, "esd-u": 8}
+
 
 @dataclass(frozen=True)
 class EraseConfig:

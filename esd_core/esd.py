@@ -10,7 +10,7 @@ empty prompt), with the frozen model's own prediction as the target; each update
 by ``preserve_weight``, so that the erasure spares what it should not touch.
 
 Two modes feed the same update with the same distribution of (x_t, t):
-- reference: a fresh partial trajectory for every update, as the paper does;
+- reference: a fresh partial trajectory for every example, as the paper does (one update's are sampled together);
 - fast: ``trajectories`` trajectories are sampled together in one batched pass and each gives ``reuse``
   examples, at step counts drawn uniformly (chained random permutations), served in shuffled order; so
   no state is older than one batch of trajectories, and the frozen predictions for each state are
@@ -112,11 +112,15 @@ class TrainingRun:
 
 
 def reference_examples(run: TrainingRun, pairs: list[Pair]) -> Iterator[TrainingExample]:
-    """The paper's loop: a fresh partial trajectory, from fresh noise, for every update."""
+    """The paper's loop: a fresh partial trajectory, from fresh noise, for every example. The ``batch_size``
+    trajectories of one update are sampled together, each row stopped at its own step count."""
     while True:
-        pair = run.draw_pair(pairs)
-        x_t, timestep = run.trajectories([pair[1]], run.draw(run.config.sample_steps))[-1]
-        yield TrainingExample(x_t, timestep, pair[1], run.targets([(x_t, timestep)], pair)[0])
+        batch = [run.draw_pair(pairs) for _ in range(run.config.batch_size)]
+        steps = [run.draw(run.config.sample_steps) for _ in batch]
+        states = run.trajectories([source for _, source in batch], max(steps))
+        for row, (pair, k) in enumerate(zip(batch, steps)):
+            x_t, timestep = states[k][0][row : row + 1], states[k][1]
+            yield TrainingExample(x_t, timestep, pair[1], run.targets([(x_t, timestep)], pair)[0])
 
 
 def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair]) -> Iterator[TrainingExample]:

@@ -148,6 +148,24 @@ def test_reference_mode_draws_a_fresh_trajectory_per_update(tiny_folders):
     assert calls[-1] == 1 and calls[-2] == 2
 
 
+def test_reference_mode_samples_one_updates_trajectories_together_each_to_its_own_step(tiny_folders):
+    from esd_core.esd import TrainingRun, reference_examples
+    from esd_core.trainable import TrainableDelta
+
+    host = host_for(tiny_folders["sd1"])
+    calls = []
+    original = host.predict_eps
+    host.predict_eps = lambda x, t, conds: calls.append(len(conds)) or original(x, t, conds)
+    config = quick_config(mode="reference", sample_steps=10, batch_size=4)
+    run = TrainingRun(host, TrainableDelta({}), config, torch.Generator().manual_seed(0))
+    examples = reference_examples(run, config.pairs)
+    batch = [next(examples) for _ in range(4)]
+    assert set(calls) == {8, 2}  # guided passes of 4 trajectories x (uncond, cond); one frozen (e0, ec) pass per example
+    assert calls.count(2) == 4 and calls.count(8) == max(run.scheduler.timesteps.tolist().index(e.timestep) for e in batch)
+    assert len({int(e.timestep) for e in batch}) > 1  # each row stopped at its own step count
+    assert len({e.x_t.sum().item() for e in batch}) == 4  # four different trajectories
+
+
 @pytest.mark.parametrize("reuse", [10, 20])
 def test_fast_mode_serves_every_step_count_equally_from_a_batch_of_trajectories(tiny_folders, reuse):
     from esd_core.esd import TrainingRun, reused_trajectory_examples
