@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .config import BENCH_CASES, BENCH_RANKS, MODES, SAMPLE_WITH_CHOICES, EraseConfig
 from .erasure_file import SAVE_DTYPES, ErasureDelta, summary, write_atomically
 from .methods import TRAIN_METHODS, method_choices, resolve_method
-from .presets import PAPER, TINY_WORLD, TINY_WORLD_LR_BY_METHOD, defaults_for, tiny_world_method
+from .presets import PAPER, TINY_WORLD, TINY_WORLD_BY_METHOD, defaults_for, tiny_world_method
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESET_FIELDS = tuple(PAPER)
@@ -48,7 +48,7 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=method_choices(), metavar="METHOD", help="which weights to train (see below); erase: esd-x; demo: esd-u for a shape, esd-x for a colour")
     parser.add_argument("--erase-from", default="", help="erase the concept from this text instead of from itself (one, or one per concept)")
     parser.add_argument("--iterations", type=int, help=f"updates (paper: {PAPER['iterations']}; tiny world: {TINY_WORLD['iterations']})")
-    parser.add_argument("--lr", type=float, help=f"Adam learning rate (paper: {PAPER['lr']}; tiny world: {TINY_WORLD['lr']}, esd-u/esd-all {TINY_WORLD_LR_BY_METHOD['esd-u']})")
+    parser.add_argument("--lr", type=float, help=f"Adam learning rate (paper: {PAPER['lr']}; tiny world: {TINY_WORLD['lr']}, esd-u/esd-all {TINY_WORLD_BY_METHOD['esd-u']['lr']})")
     parser.add_argument("--eta", type=float, help="negative guidance, the paper's eta (paper: 1.0; esd_sd.py's 2.0 equals 1.0 here)")
     parser.add_argument("--sample-steps", type=int, help="DDIM steps of the x_t sampling schedule (paper: 50)")
     parser.add_argument("--sample-guidance", type=float, help="classifier-free guidance while sampling x_t (paper: 3.0)")
@@ -59,7 +59,7 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trajectories", type=int, default=8, help="fast mode: trajectories sampled together in one batched pass")
     parser.add_argument("--reuse", type=int, default=0, help="fast mode: examples drawn from each sampled trajectory (default 0: sample steps x batch size / trajectories, so each batch of trajectories serves about sample-steps updates)")
     parser.add_argument("--batch-size", type=int, help=f"examples per update, of the erased texts and again of the preserved ones (paper: 1; tiny world: {TINY_WORLD['batch_size']})")
-    parser.add_argument("--rank", type=int, default=0, help="0: full-rank deltas; r > 0: LoRA-style rank-r factors (for esd-u/esd-all memory)")
+    parser.add_argument("--rank", type=int, help=f"0: full-rank deltas (paper); r > 0: LoRA-style rank-r factors, for esd-u/esd-all memory (tiny world: esd-u/esd-all {TINY_WORLD_BY_METHOD['esd-u']['rank']})")
     parser.add_argument("--resolution", type=int, help="training image size in pixels (default: the UNet's native size)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, slower updates")
     parser.add_argument("--seed", type=int, default=0)
@@ -71,8 +71,8 @@ METHODS_EPILOG = "methods:\n" + "\n".join(f"  {name:14s} {description}" for name
 ERASE_DESCRIPTION = (
     "Train an erasure delta. For any model the paper's settings are the defaults: 1000 iterations, lr 1e-5, "
     "eta 1.0, 50 DDIM sampling steps at guidance 3.0, sampling with the model being trained. For the shipped "
-    f"tiny world (no --model) the defaults are tuned for it: {TINY_WORLD}, esd-u/esd-all lr "
-    f"{TINY_WORLD_LR_BY_METHOD['esd-u']}, and every shape and colour the concept does not name is preserved.\n"
+    f"tiny world (no --model) the defaults are tuned for it: {TINY_WORLD}, esd-u/esd-all "
+    f"{TINY_WORLD_BY_METHOD['esd-u']}, and every shape and colour the concept does not name is preserved.\n"
     "To reproduce the 2025 reference script (esd_sd.py): --iterations 200 --lr 5e-5 --eta 1.0 --sample-with frozen "
     "--mode reference --dtype bf16; its 'negative guidance 2' is our eta 1, because its eta is the paper's eta + 1."
 )
@@ -139,7 +139,7 @@ def erase_config(args, concept: str, method: str) -> EraseConfig:
     chosen = {field: getattr(args, field) if getattr(args, field) is not None else preset[field] for field in PRESET_FIELDS}
     return EraseConfig(
         concept=concept, erase_from=args.erase_from, method=method, sample_with=args.sample_with,
-        mode=args.mode, trajectories=args.trajectories, reuse=args.reuse, rank=args.rank,
+        mode=args.mode, trajectories=args.trajectories, reuse=args.reuse,
         preserve_weight=args.preserve_weight, seed=args.seed, **chosen,
     )
 

@@ -143,3 +143,14 @@ def test_tiny_world_preserves_every_concept_the_erased_texts_do_not_name():
     kept = defaults_for(None, "esd-x", "crimson star, blue")["preserve"].split(", ")
     assert kept == ["circle", "square", "triangle", "green", "yellow"]
     assert defaults_for("/some/other/model", "esd-x", "circle")["preserve"] == ""  # elsewhere: the paper's, none
+
+
+def test_tiny_world_gives_whole_unet_methods_low_rank_deltas_and_an_explicit_rank_wins():
+    from esd_core.cli import build_parser, erase_config
+    from esd_core.presets import defaults_for
+
+    assert defaults_for(None, "esd-u", "circle")["rank"] == 8 and defaults_for(None, "esd-x", "red")["rank"] == 0
+    assert defaults_for("/some/other/model", "esd-u", "circle")["rank"] == 0  # elsewhere: the paper's full rank
+    parse = lambda *extra: build_parser().parse_args(["erase", "--concept", "circle", "--out", "x.safetensors", *extra])
+    assert erase_config(parse(), "circle", "esd-u").rank == 8
+    assert erase_config(parse("--rank", "0"), "circle", "esd-u").rank == 0
