@@ -48,7 +48,7 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=method_choices(), metavar="METHOD", help="which weights to train (see below); erase: esd-x; demo: esd-u for a shape, esd-x for a colour")
     parser.add_argument("--erase-from", default="", help="erase the concept from this text instead of from itself (one, or one per concept)")
     parser.add_argument("--iterations", type=int, help=f"updates (paper: {PAPER['iterations']}; tiny world: {TINY_WORLD['iterations']})")
-    parser.add_argument("--lr", type=float, help=f"Adam learning rate (paper: {PAPER['lr']}; tiny world: {TINY_WORLD['lr']}, esd-u/esd-all {TINY_WORLD_BY_METHOD['esd-u']['lr']})")
+    parser.add_argument("--lr", type=float, help=f"Adam learning rate (paper: {PAPER['lr']}; tiny world: {TINY_WORLD['lr']})")
     parser.add_argument("--eta", type=float, help="negative guidance, the paper's eta (paper: 1.0; esd_sd.py's 2.0 equals 1.0 here)")
     parser.add_argument("--sample-steps", type=int, help="DDIM steps of the x_t sampling schedule (paper: 50)")
     parser.add_argument("--sample-guidance", type=float, help="classifier-free guidance while sampling x_t (paper: 3.0)")
