@@ -32,7 +32,7 @@ class RandomWeightHost(DiffusersHost):
 
     def __init__(self, family: str, resolution: int, device: str, dtype: torch.dtype, gradient_checkpointing: bool = False):
         torch.manual_seed(0)
-        with torch.device(device):  # initialising on the GPU takes a second; on the CPU, a minute for SDXL
+        with torch.device(device):  # initialised where it runs: a GPU case need not wait for CPU initialisation
             unet = UNet2DConditionModel(**FULL_SIZE_UNET_CONFIGS[family]).to(dtype)
         pipeline = SimpleNamespace(unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULE), vae_scale_factor=8)
         super().__init__(pipeline, device, resolution, gradient_checkpointing)
