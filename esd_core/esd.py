@@ -158,9 +158,9 @@ def update(run: TrainingRun, optimizer: torch.optim.Optimizer, examples: list[Tr
                 f"The loss became {loss.item()} at iteration {iteration + 1}; nothing was saved. "
                 "Lower the learning rate (--lr) or use --dtype fp32."
             )
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free again for sampling and the next forward
     return loss.item()
 
 
