@@ -25,6 +25,9 @@ class DiffusersHost(ErasureHost):
         self.unet = pipeline.unet.to(device).requires_grad_(False)
         if gradient_checkpointing:  # recompute block activations in backward: less memory, ~30% more time per update
             self.unet.enable_gradient_checkpointing()
+        for block in self.unet.modules():  # each feed-forward's 8x-wide hidden layer one row at a time: otherwise
+            if hasattr(block, "set_chunk_feed_forward"):  # the largest transient of a many-row sampling pass
+                block.set_chunk_feed_forward(1, dim=0)
         for encoder in self._text_encoders():
             encoder.to(device).requires_grad_(False)
         self.device = torch.device(device)
