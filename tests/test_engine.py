@@ -288,6 +288,25 @@ def test_gradient_checkpointing_trains_the_same_delta(tiny_folders):
     assert any(t.abs().max() > 0 for t in plain.values())
 
 
+def test_the_host_runs_feed_forwards_row_by_row_with_the_same_predictions(tiny_folders):
+    pipeline = load_pipeline(tiny_folders["sd1"])
+    config = pipeline.unet.config
+    x_t = torch.randn(3, config.in_channels, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(0))
+    embeds, _ = pipeline.encode_prompt("red", "cpu", 1, False)
+    with torch.no_grad():
+        whole = pipeline.unet(x_t, 500, encoder_hidden_states=embeds.expand(3, -1, -1)).sample
+    host = DiffusersHost(pipeline)
+    rows_seen = []
+    feed_forwards = [module for name, module in host.unet.named_modules() if name.endswith(".ff")]
+    handles = [ff.register_forward_hook(lambda module, inputs, output: rows_seen.append(inputs[0].shape[0])) for ff in feed_forwards]
+    with torch.no_grad():
+        row_by_row = host.predict_eps(x_t, 500, [host.encode("red")] * 3)
+    for handle in handles:
+        handle.remove()
+    assert feed_forwards and rows_seen == [1] * 3 * len(feed_forwards)
+    assert torch.allclose(whole, row_by_row, atol=1e-5)
+
+
 def test_an_update_trains_on_batch_size_examples_of_each_stream(tiny_folders):
     host = RecordingHost(load_pipeline(tiny_folders["sd1"]))
     train_erasure(host, quick_config(iterations=2, batch_size=2, preserve="blue"))
