@@ -21,10 +21,11 @@ def quick_config(**overrides):
 
 
 def unet_eps(pipeline, x_t, timestep, text):
-    """Epsilon straight from the diffusers UNet, independently of the host (SD1 only: epsilon prediction)."""
+    """Epsilon straight from the diffusers UNet, independently of the host, every row of x_t under ``text``
+    (SD1 only: epsilon prediction)."""
     embeds, _ = pipeline.encode_prompt(text, "cpu", 1, False)
     with torch.no_grad():
-        return pipeline.unet(x_t, timestep, encoder_hidden_states=embeds).sample
+        return pipeline.unet(x_t, timestep, encoder_hidden_states=embeds.expand(len(x_t), -1, -1)).sample
 
 
 class RecordingHost(DiffusersHost):
@@ -292,9 +293,7 @@ def test_the_host_runs_feed_forwards_row_by_row_with_the_same_predictions(tiny_f
     pipeline = load_pipeline(tiny_folders["sd1"])
     config = pipeline.unet.config
     x_t = torch.randn(3, config.in_channels, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(0))
-    embeds, _ = pipeline.encode_prompt("red", "cpu", 1, False)
-    with torch.no_grad():
-        whole = pipeline.unet(x_t, 500, encoder_hidden_states=embeds.expand(3, -1, -1)).sample
+    whole = unet_eps(pipeline, x_t, 500, "red")
     host = DiffusersHost(pipeline)
     rows_seen = []
     feed_forwards = [module for name, module in host.unet.named_modules() if name.endswith(".ff")]
