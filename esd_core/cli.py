@@ -49,12 +49,12 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--erase-from", default="", help="erase the concept from this text instead of from itself (one, or one per concept)")
     parser.add_argument("--iterations", type=int, help=f"updates (paper: {PAPER['iterations']}; tiny world: {TINY_WORLD['iterations']})")
     parser.add_argument("--lr", type=float, help=f"Adam learning rate (paper: {PAPER['lr']}; tiny world: {TINY_WORLD['lr']})")
-    parser.add_argument("--eta", type=float, help="negative guidance, the paper's eta (paper: 1.0; esd_sd.py's 2.0 equals 1.0 here)")
+    parser.add_argument("--eta", type=float, help=f"negative guidance, the paper's eta (paper: {PAPER['eta']}, and esd_sd.py's 2.0 equals 1.0 here; tiny world: {TINY_WORLD['eta']})")
     parser.add_argument("--sample-steps", type=int, help="DDIM steps of the x_t sampling schedule (paper: 50)")
     parser.add_argument("--sample-guidance", type=float, help="classifier-free guidance while sampling x_t (paper: 3.0)")
     parser.add_argument("--preserve", help="comma-separated texts whose images the erasure must leave as they were (paper: none; tiny world: its other shapes and colours; \"\" for none)")
-    parser.add_argument("--preserve-weight", type=float, default=1.0, help="weight of the preservation term against the erasure term")
-    parser.add_argument("--sample-with", default="trained", choices=SAMPLE_WITH_CHOICES, help="sample x_t with the model being trained (paper) or the frozen one")
+    parser.add_argument("--preserve-weight", type=float, help=f"weight of the preservation term against the erasure term (paper: no such term; tiny world: {TINY_WORLD['preserve_weight']})")
+    parser.add_argument("--sample-with", choices=SAMPLE_WITH_CHOICES, help=f"sample x_t with the model being trained or the frozen one (paper: {PAPER['sample_with']}; tiny world: {TINY_WORLD['sample_with']})")
     parser.add_argument("--mode", default="fast", choices=MODES, help="fast (default): one sampled trajectory serves several updates; reference: a fresh trajectory per update, as the paper")
     parser.add_argument("--trajectories", type=int, default=8, help="fast mode: trajectories sampled together in one batched pass")
     parser.add_argument("--reuse", type=int, default=0, help="fast mode: examples drawn from each sampled trajectory (default 0: sample steps x batch size / trajectories, so each batch of trajectories serves about sample-steps updates)")
@@ -138,9 +138,8 @@ def erase_config(args, concept: str, method: str) -> EraseConfig:
     preset = defaults_for(args.model, resolve_method(method), concept)
     chosen = {field: getattr(args, field) if getattr(args, field) is not None else preset[field] for field in PRESET_FIELDS}
     return EraseConfig(
-        concept=concept, erase_from=args.erase_from, method=method, sample_with=args.sample_with,
-        mode=args.mode, trajectories=args.trajectories, reuse=args.reuse,
-        preserve_weight=args.preserve_weight, seed=args.seed, **chosen,
+        concept=concept, erase_from=args.erase_from, method=method, mode=args.mode, trajectories=args.trajectories,
+        reuse=args.reuse, seed=args.seed, **chosen,
     )
 
 

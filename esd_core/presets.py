@@ -12,10 +12,12 @@ import os
 from .config import parse_concepts
 from .tinyworld.world import COLOURS, DEFAULT_MODEL_DIR, SHAPES, SYNONYMS, kind_of
 
-PAPER = dict(iterations=1000, lr=1e-5, eta=1.0, sample_steps=50, sample_guidance=3.0, batch_size=1, preserve="", rank=0)
+PAPER = dict(iterations=1000, lr=1e-5, eta=1.0, sample_steps=50, sample_guidance=3.0, sample_with="trained", batch_size=1,
+             preserve="", preserve_weight=1.0, rank=0)
 # batch_size 4: with one example per update, Adam's noise alone degraded the other shapes (measured, circle
 # with esd-u: square 97% -> 38% at batch 1, -> 81% at batch 4, circle erased either way).
-TINY_WORLD = dict(iterations=300, lr=1e-3, eta=1.0, sample_steps=50, sample_guidance=3.0, batch_size=4, rank=0)
+TINY_WORLD = dict(iterations=300, lr=1e-3, eta=1.0, sample_steps=50, sample_guidance=3.0, sample_with="trained", batch_size=4,
+                  preserve_weight=1.0, rank=0)
 # Methods that train (nearly) the whole UNet took the other shapes with the erased one when their deltas were
 # full rank (measured, circle with esd-u, lr 3e-4: star 97% -> 78%, square 97% -> 91%); with rank-8 deltas at
 # the world's common rate the other shapes lose at most 9 points; circle and square are erased, triangle and

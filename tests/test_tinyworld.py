@@ -154,3 +154,20 @@ def test_tiny_world_gives_whole_unet_methods_low_rank_deltas_and_an_explicit_ran
     parse = lambda *extra: build_parser().parse_args(["erase", "--concept", "circle", "--out", "x.safetensors", *extra])
     assert erase_config(parse(), "circle", "esd-u").rank == 8
     assert erase_config(parse("--rank", "0"), "circle", "esd-u").rank == 0
+
+
+def test_every_preset_setting_comes_from_the_model_preset_unless_given_on_the_command_line():
+    from esd_core.cli import PRESET_FIELDS, build_parser, erase_config
+    from esd_core.presets import PAPER, defaults_for
+
+    given = dict(iterations=7, lr=0.5, eta=3.5, sample_steps=9, sample_guidance=2.5, batch_size=3, preserve="dog",
+                 preserve_weight=0.5, rank=4)
+    given["sample_with"] = "frozen" if defaults_for(None, "esd-u", "circle")["sample_with"] == "trained" else "trained"
+    assert set(given) == set(PRESET_FIELDS)
+    flags = [word for field, value in given.items() for word in (f"--{field.replace('_', '-')}", str(value))]
+    parse = lambda *extra: build_parser().parse_args(["erase", "--concept", "circle", "--out", "x.safetensors", *extra])
+    for model_flags, preset in (([], defaults_for(None, "esd-u", "circle")), (["--model", "/some/other/model"], PAPER)):
+        left_out = erase_config(parse(*model_flags), "circle", "esd-u")
+        assert {field: getattr(left_out, field) for field in PRESET_FIELDS} == {field: preset[field] for field in PRESET_FIELDS}
+        chosen = erase_config(parse(*model_flags, *flags), "circle", "esd-u")
+        assert {field: getattr(chosen, field) for field in PRESET_FIELDS} == given
