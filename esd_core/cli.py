@@ -54,7 +54,7 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-guidance", type=float, help="classifier-free guidance while sampling x_t (paper: 3.0)")
     parser.add_argument("--preserve", help="comma-separated texts whose images the erasure must leave as they were (paper: none; tiny world: its other shapes and colours; \"\" for none)")
     parser.add_argument("--preserve-weight", type=float, help=f"weight of the preservation term against the erasure term (paper: no such term; tiny world: {TINY_WORLD['preserve_weight']})")
-    parser.add_argument("--sample-with", choices=SAMPLE_WITH_CHOICES, help=f"sample x_t with the model being trained or the frozen one (paper: {PAPER['sample_with']}; tiny world: {TINY_WORLD['sample_with']})")
+    parser.add_argument("--sample-with", choices=SAMPLE_WITH_CHOICES, help=f"which model samples x_t: trained (paper), frozen (2025 diffusers script), or mixed: frozen for the erased texts, trained for the preserved ones (tiny world: esd-u {TINY_WORLD_BY_METHOD['esd-u'].get('sample_with', TINY_WORLD['sample_with'])}, else {TINY_WORLD['sample_with']})")
     parser.add_argument("--mode", default="fast", choices=MODES, help="fast (default): one sampled trajectory serves several updates; reference: a fresh trajectory per update, as the paper")
     parser.add_argument("--trajectories", type=int, default=8, help="fast mode: trajectories sampled together in one batched pass")
     parser.add_argument("--reuse", type=int, default=0, help="fast mode: examples drawn from each sampled trajectory (default 0: sample steps x batch size / trajectories, so each batch of trajectories serves about sample-steps updates)")

@@ -5,7 +5,13 @@ from dataclasses import asdict, dataclass
 
 from .methods import resolve_method
 
-SAMPLE_WITH_CHOICES = ("trained", "frozen")
+# Whether the model being trained (True) or the frozen one samples x_t, for the erased texts' examples and
+# for the preserved texts' examples. The paper samples with the model being trained, the 2025 diffusers
+# script with the frozen one; "mixed" takes the erased texts' x_t where the concept lives in the original
+# model and the preserved texts' x_t where the erased model now goes, so that drift of a preserved concept
+# is trained away where it happens.
+SAMPLE_WITH_TRAINED = {"trained": (True, True), "frozen": (False, False), "mixed": (False, True)}
+SAMPLE_WITH_CHOICES = tuple(SAMPLE_WITH_TRAINED)
 MODES = ("fast", "reference")
 
 # What ``esd-erase bench`` measures on full-size UNets: the kinds of case, and the rank each method runs at
@@ -71,6 +77,11 @@ class EraseConfig:
     def pairs(self) -> list[tuple[str, str]]:
         """The (concept, erase_from) pairs the loop draws from."""
         return concept_pairs(self.concept, self.erase_from)
+
+    @property
+    def samples_with_trained(self) -> tuple[bool, bool]:
+        """Whether the erased and the preserved texts' x_t are sampled with the model being trained."""
+        return SAMPLE_WITH_TRAINED[self.sample_with]
 
     @property
     def preserved(self) -> list[str]:

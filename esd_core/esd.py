@@ -7,7 +7,8 @@ f == c, and ``ef - eta * (ec - e0)`` when erasing c from another text f.
 
 With texts to preserve, a second stream of examples is sampled the same way under those texts (and the
 empty prompt), with the frozen model's own prediction as the target; each update adds its MSE, weighted
-by ``preserve_weight``, so that the erasure spares what it should not touch.
+by ``preserve_weight``, so that the erasure spares what it should not touch. ``sample_with`` says which
+model (trained or frozen) samples each stream's x_t.
 
 Two modes feed the same update with the same distribution of (x_t, t):
 - reference: a fresh partial trajectory for every example, as the paper does (one update's are sampled together);
@@ -81,10 +82,10 @@ class TrainingRun:
         rounds = -(-count // n)
         return torch.cat([torch.randperm(n, generator=self.generator) for _ in range(rounds)])[:count].tolist()
 
-    def trajectories(self, sources: list[str], steps: int) -> list[tuple[torch.Tensor, int]]:
+    def trajectories(self, sources: list[str], steps: int, trained: bool) -> list[tuple[torch.Tensor, int]]:
         """States 0..steps of guided trajectories, one row per source text, sampled together by the trained
         or the frozen model."""
-        with self.delta.switched(self.config.sample_with == "trained"):
+        with self.delta.switched(trained):
             conds = [self.conds[source] for source in sources]
             return ddim_trajectory(self.host, self.scheduler, steps, conds, self.conds[""], self.config.sample_guidance, self.generator)
 
@@ -111,19 +112,19 @@ class TrainingRun:
         return targets
 
 
-def reference_examples(run: TrainingRun, pairs: list[Pair]) -> Iterator[TrainingExample]:
+def reference_examples(run: TrainingRun, pairs: list[Pair], trained: bool) -> Iterator[TrainingExample]:
     """The paper's loop: a fresh partial trajectory, from fresh noise, for every example. The ``batch_size``
     trajectories of one update are sampled together, each row stopped at its own step count."""
     while True:
         batch = [run.draw_pair(pairs) for _ in range(run.config.batch_size)]
         steps = [run.draw(run.config.sample_steps) for _ in batch]
-        states = run.trajectories([source for _, source in batch], max(steps))
+        states = run.trajectories([source for _, source in batch], max(steps), trained)
         for row, (pair, k) in enumerate(zip(batch, steps)):
             x_t, timestep = states[k][0][row : row + 1], states[k][1]
             yield TrainingExample(x_t, timestep, pair[1], run.targets([(x_t, timestep)], pair)[0])
 
 
-def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair]) -> Iterator[TrainingExample]:
+def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair], trained: bool) -> Iterator[TrainingExample]:
     """Fast mode: ``trajectories`` trajectories are sampled together and each gives ``reuse`` examples, at step
     counts drawn without repeats (chained random permutations), in shuffled order. So no state is more than
     ``trajectories * reuse`` examples stale, and every pair and step count comes up equally often."""
@@ -132,7 +133,7 @@ def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair]) -> Iterator[
     while True:
         batch = [pairs[i] for i in run.permuted(len(pairs), count)]
         chosen = [run.permuted(steps, reuse) for _ in batch]
-        states = run.trajectories([source for _, source in batch], max(max(ks) for ks in chosen))
+        states = run.trajectories([source for _, source in batch], max(max(ks) for ks in chosen), trained)
         examples = []
         for row, (pair, ks) in enumerate(zip(batch, chosen)):
             row_states = {k: (states[k][0][row : row + 1], states[k][1]) for k in sorted(set(ks))}
@@ -169,9 +170,10 @@ def run_updates(run: TrainingRun, optimizer: torch.optim.Optimizer, progress: Pr
     preserved texts), drawn by the configured mode."""
     config = run.config
     examples = EXAMPLE_SOURCES[config.mode]
-    streams = [(examples(run, config.pairs), 1.0)]
+    erased_trained, preserved_trained = config.samples_with_trained
+    streams = [(examples(run, config.pairs, erased_trained), 1.0)]
     if config.preserved:
-        streams.append((examples(run, [(None, text) for text in config.preserved]), config.preserve_weight))
+        streams.append((examples(run, [(None, text) for text in config.preserved], preserved_trained), config.preserve_weight))
     for iteration in range(config.iterations):
         batch = [(next(stream), weight / config.batch_size) for stream, weight in streams for _ in range(config.batch_size)]
         loss = update(run, optimizer, [example for example, _ in batch], [weight for _, weight in batch], iteration)

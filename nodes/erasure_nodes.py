@@ -115,7 +115,8 @@ class EraseConcept(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "sample_with", options=list(SAMPLE_WITH_CHOICES), default="trained",
-                    tooltip="Sample x_t with the model being trained (the paper) or with the frozen original (the diffusers script).",
+                    tooltip="Which model samples x_t: the one being trained (the paper), the frozen original (the diffusers script), "
+                    "or mixed: the original for the erased concept, the one being trained for the preserved texts.",
                 ),
                 io.Combo.Input(
                     "mode", options=list(MODES), default="fast",

@@ -159,7 +159,7 @@ def test_reference_mode_samples_one_updates_trajectories_together_each_to_its_ow
     host.predict_eps = lambda x, t, conds: calls.append(len(conds)) or original(x, t, conds)
     config = quick_config(mode="reference", sample_steps=10, batch_size=4)
     run = TrainingRun(host, TrainableDelta({}), config, torch.Generator().manual_seed(0))
-    examples = reference_examples(run, config.pairs)
+    examples = reference_examples(run, config.pairs, True)
     batch = [next(examples) for _ in range(4)]
     assert set(calls) == {8, 2}  # guided passes of 4 trajectories x (uncond, cond); one frozen (e0, ec) pass per example
     assert calls.count(2) == 4 and calls.count(8) == max(run.scheduler.timesteps.tolist().index(e.timestep) for e in batch)
@@ -175,7 +175,7 @@ def test_fast_mode_serves_every_step_count_equally_from_a_batch_of_trajectories(
     host = host_for(tiny_folders["sd1"])
     config = quick_config(sample_steps=10, trajectories=2, reuse=reuse)
     run = TrainingRun(host, TrainableDelta({}), config, torch.Generator().manual_seed(0))
-    examples = reused_trajectory_examples(run, config.pairs)
+    examples = reused_trajectory_examples(run, config.pairs, True)
     batch = [next(examples) for _ in range(2 * reuse)]  # one batch of trajectories serves 2 * reuse updates
     timesteps = [int(example.timestep) for example in batch]
     for t in run.scheduler.timesteps:  # every step count, reuse / 10 times per trajectory
@@ -191,7 +191,7 @@ def test_batched_trajectories_equal_one_at_a_time(tiny_folders):
     host = host_for(tiny_folders["sd1"])
     def states(sources):
         run = TrainingRun(host, TrainableDelta({}), quick_config(concept="red, blue", sample_steps=6), torch.Generator().manual_seed(0))
-        return run.trajectories(sources, 5)
+        return run.trajectories(sources, 5, True)
     batched, single = states(["red", "blue"]), states(["red"])
     assert batched[-1][0].shape[0] == 2 and batched[-1][1] == single[-1][1]
     assert torch.allclose(batched[-1][0][:1], single[-1][0], atol=1e-4)  # same noise row, same cond
@@ -204,7 +204,7 @@ def test_batched_frozen_targets_equal_one_at_a_time(tiny_folders):
 
     host = host_for(tiny_folders["sd1"])
     run = TrainingRun(host, TrainableDelta({}), quick_config(erase_from="blue", sample_steps=6), torch.Generator().manual_seed(0))
-    states = run.trajectories(["blue"], 5)
+    states = run.trajectories(["blue"], 5, False)
     batched = run.targets(states, ("red", "blue"))
     single = [run.targets([state], ("red", "blue"))[0] for state in states]
     assert all(torch.allclose(b, s, atol=1e-5) for b, s in zip(batched, single))
@@ -230,7 +230,7 @@ def test_preservation_keeps_the_preserved_prediction_closer_to_the_original(tiny
     def blue_change(**preservation):
         host = host_for(tiny_folders["sd1"])
         run = TrainingRun(host, TrainableDelta({}), quick_config(concept="blue", sample_steps=8), torch.Generator().manual_seed(1))
-        states = run.trajectories(["blue"] * 2, 6)[1::2]  # 3 states of 2 trajectories
+        states = run.trajectories(["blue"] * 2, 6, False)[1::2]  # 3 states of 2 trajectories
         x_t = torch.cat([x for x, _ in states])
         timesteps = torch.tensor([t for _, t in states]).repeat_interleave(2)
         blue = [host.encode("blue")] * len(x_t)
@@ -240,6 +240,21 @@ def test_preservation_keeps_the_preserved_prediction_closer_to_the_original(tiny
             return (host.predict_eps(x_t, timesteps, blue) - original).norm().item()
 
     assert blue_change(preserve="blue", preserve_weight=10.0) < 0.75 * blue_change()  # measured: 0.59 vs 0.95
+
+
+@pytest.mark.parametrize("sample_with, erased_trained, preserved_trained",
+                         [("trained", True, True), ("frozen", False, False), ("mixed", False, True)])
+def test_sample_with_picks_the_model_that_samples_each_streams_x_t(tiny_folders, monkeypatch, sample_with, erased_trained, preserved_trained):
+    from esd_core.esd import TrainingRun
+
+    sampled = []  # (whether the sources are the erased text, whether the trained model samples them)
+    original = TrainingRun.trajectories
+    def recording(run, sources, steps, trained):
+        sampled.append((set(sources) == {"red"}, trained))
+        return original(run, sources, steps, trained)
+    monkeypatch.setattr(TrainingRun, "trajectories", recording)
+    train_erasure(host_for(tiny_folders["sd1"]), quick_config(mode="reference", preserve="blue", sample_with=sample_with))
+    assert set(sampled) == {(True, erased_trained), (False, preserved_trained)}
 
 
 def test_preserving_the_erased_concept_is_refused():
