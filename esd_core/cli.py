@@ -19,6 +19,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESET_FIELDS = tuple(PAPER)
 
 
+def tiny_world_default(field: str) -> str:
+    """The tiny world's default for a setting, for help texts: one value, or esd-u's and everyone else's."""
+    usual, esd_u = TINY_WORLD[field], TINY_WORLD_BY_METHOD["esd-u"].get(field, TINY_WORLD[field])
+    return f"{usual}" if usual == esd_u else f"esd-u {esd_u}, else {usual}"
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,12 +55,12 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--erase-from", default="", help="erase the concept from this text instead of from itself (one, or one per concept)")
     parser.add_argument("--iterations", type=int, help=f"updates (paper: {PAPER['iterations']}; tiny world: {TINY_WORLD['iterations']})")
     parser.add_argument("--lr", type=float, help=f"Adam learning rate (paper: {PAPER['lr']}; tiny world: {TINY_WORLD['lr']})")
-    parser.add_argument("--eta", type=float, help=f"negative guidance, the paper's eta (paper: {PAPER['eta']}, and esd_sd.py's 2.0 equals 1.0 here; tiny world: {TINY_WORLD['eta']})")
+    parser.add_argument("--eta", type=float, help=f"negative guidance, the paper's eta (paper: {PAPER['eta']}, and esd_sd.py's 2.0 equals 1.0 here; tiny world: {tiny_world_default('eta')})")
     parser.add_argument("--sample-steps", type=int, help="DDIM steps of the x_t sampling schedule (paper: 50)")
     parser.add_argument("--sample-guidance", type=float, help="classifier-free guidance while sampling x_t (paper: 3.0)")
     parser.add_argument("--preserve", help="comma-separated texts whose images the erasure must leave as they were (paper: none; tiny world: its other shapes and colours; \"\" for none)")
-    parser.add_argument("--preserve-weight", type=float, help=f"weight of the preservation term against the erasure term (paper: no such term; tiny world: {TINY_WORLD['preserve_weight']})")
-    parser.add_argument("--sample-with", choices=SAMPLE_WITH_CHOICES, help=f"which model samples x_t: trained (paper), frozen (2025 diffusers script), or mixed: frozen for the erased texts, trained for the preserved ones (tiny world: esd-u {TINY_WORLD_BY_METHOD['esd-u'].get('sample_with', TINY_WORLD['sample_with'])}, else {TINY_WORLD['sample_with']})")
+    parser.add_argument("--preserve-weight", type=float, help=f"weight of the preservation term against the erasure term (paper: no such term; tiny world: {tiny_world_default('preserve_weight')})")
+    parser.add_argument("--sample-with", choices=SAMPLE_WITH_CHOICES, help=f"which model samples x_t: trained (paper), frozen (2025 diffusers script), or mixed: frozen for the erased texts, trained for the preserved ones (paper: {PAPER['sample_with']}; tiny world: {tiny_world_default('sample_with')})")
     parser.add_argument("--mode", default="fast", choices=MODES, help="fast (default): one sampled trajectory serves several updates; reference: a fresh trajectory per update, as the paper")
     parser.add_argument("--trajectories", type=int, default=8, help="fast mode: trajectories sampled together in one batched pass")
     parser.add_argument("--reuse", type=int, default=0, help="fast mode: examples drawn from each sampled trajectory (default 0: sample steps x batch size / trajectories, so each batch of trajectories serves about sample-steps updates)")
