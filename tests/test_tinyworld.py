@@ -145,29 +145,37 @@ def test_tiny_world_preserves_every_concept_the_erased_texts_do_not_name():
     assert defaults_for("/some/other/model", "esd-x", "circle")["preserve"] == ""  # elsewhere: the paper's, none
 
 
+def erase_arguments(*extra):
+    """Parsed ``esd-erase erase`` arguments for the circle, plus ``extra`` flags."""
+    from esd_core.cli import build_parser
+
+    return build_parser().parse_args(["erase", "--concept", "circle", "--out", "x.safetensors", *extra])
+
+
 def test_tiny_world_gives_whole_unet_methods_low_rank_deltas_and_an_explicit_rank_wins():
-    from esd_core.cli import build_parser, erase_config
+    from esd_core.cli import erase_config
     from esd_core.presets import defaults_for
 
     assert defaults_for(None, "esd-u", "circle")["rank"] == 8 and defaults_for(None, "esd-x", "red")["rank"] == 0
     assert defaults_for("/some/other/model", "esd-u", "circle")["rank"] == 0  # elsewhere: the paper's full rank
-    parse = lambda *extra: build_parser().parse_args(["erase", "--concept", "circle", "--out", "x.safetensors", *extra])
-    assert erase_config(parse(), "circle", "esd-u").rank == 8
-    assert erase_config(parse("--rank", "0"), "circle", "esd-u").rank == 0
+    assert erase_config(erase_arguments(), "circle", "esd-u").rank == 8
+    assert erase_config(erase_arguments("--rank", "0"), "circle", "esd-u").rank == 0
 
 
 def test_every_preset_setting_comes_from_the_model_preset_unless_given_on_the_command_line():
-    from esd_core.cli import PRESET_FIELDS, build_parser, erase_config
+    from esd_core.cli import PRESET_FIELDS, erase_config
+    from esd_core.config import SAMPLE_WITH_CHOICES
     from esd_core.presets import PAPER, defaults_for
 
+    presets = (([], defaults_for(None, "esd-u", "circle")), (["--model", "/some/other/model"], PAPER))
     given = dict(iterations=7, lr=0.5, eta=3.5, sample_steps=9, sample_guidance=2.5, batch_size=3, preserve="dog",
                  preserve_weight=0.5, rank=4)
-    given["sample_with"] = "frozen" if defaults_for(None, "esd-u", "circle")["sample_with"] == "trained" else "trained"
+    given["sample_with"] = next(c for c in SAMPLE_WITH_CHOICES if all(c != preset["sample_with"] for _, preset in presets))
     assert set(given) == set(PRESET_FIELDS)
+    assert all(given[field] != preset[field] for _, preset in presets for field in PRESET_FIELDS)  # so an override shows
     flags = [word for field, value in given.items() for word in (f"--{field.replace('_', '-')}", str(value))]
-    parse = lambda *extra: build_parser().parse_args(["erase", "--concept", "circle", "--out", "x.safetensors", *extra])
-    for model_flags, preset in (([], defaults_for(None, "esd-u", "circle")), (["--model", "/some/other/model"], PAPER)):
-        left_out = erase_config(parse(*model_flags), "circle", "esd-u")
+    for model_flags, preset in presets:
+        left_out = erase_config(erase_arguments(*model_flags), "circle", "esd-u")
         assert {field: getattr(left_out, field) for field in PRESET_FIELDS} == {field: preset[field] for field in PRESET_FIELDS}
-        chosen = erase_config(parse(*model_flags, *flags), "circle", "esd-u")
+        chosen = erase_config(erase_arguments(*model_flags, *flags), "circle", "esd-u")
         assert {field: getattr(chosen, field) for field in PRESET_FIELDS} == given
