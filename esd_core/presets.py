@@ -24,7 +24,7 @@ TINY_WORLD = dict(iterations=300, lr=1e-3, eta=1.0, sample_steps=50, sample_guid
 # Methods that train (nearly) the whole UNet took the other shapes with the erased one when their deltas were
 # full rank (measured, circle with esd-u, lr 3e-4: star 97% -> 78%, square 97% -> 91%), so they get rank-8
 # deltas. For esd-u, eta 1 then left triangle and star at 41% and 38%; eta 6 erases every shape, and "mixed"
-# sampling with preservation weight 2 keeps the damage off the other shapes. esd-x keeps eta 1: with frozen
+# sampling with preservation weight 2 keeps most damage off the other shapes. esd-x keeps eta 1: with frozen
 # sampling at eta 6 and weight 2, erasing green cost the other colours 28-38 points.
 TINY_WORLD_BY_METHOD = {
     "esd-u": dict(rank=8, eta=6.0, sample_with="mixed", preserve_weight=2.0),
