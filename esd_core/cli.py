@@ -67,7 +67,7 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help=f"examples per update, of the erased texts and again of the preserved ones (paper: 1; tiny world: {TINY_WORLD['batch_size']})")
     parser.add_argument("--rank", type=int, help=f"0: full-rank deltas (paper); r > 0: LoRA-style rank-r factors, for esd-u/esd-all memory (tiny world: esd-u/esd-all {TINY_WORLD_BY_METHOD['esd-u']['rank']})")
     parser.add_argument("--resolution", type=int, help="training image size in pixels (default: the UNet's native size)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, slower updates")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="memory-saving mode: recompute activations in the backward pass and run each feed-forward one row at a time (the CPU always does the latter): less memory, slower updates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-dtype", default="fp16", choices=tuple(SAVE_DTYPES), help="precision of the written deltas")
 

@@ -25,9 +25,8 @@ class DiffusersHost(ErasureHost):
         self.unet = pipeline.unet.to(device).requires_grad_(False)
         if gradient_checkpointing:  # recompute block activations in backward: less memory, ~30% more time per update
             self.unet.enable_gradient_checkpointing()
-        for block in self.unet.modules():  # each feed-forward's 8x-wide hidden layer one row at a time: otherwise
-            if hasattr(block, "set_chunk_feed_forward"):  # the largest transient of a many-row sampling pass
-                block.set_chunk_feed_forward(1, dim=0)
+        if gradient_checkpointing or torch.device(device).type == "cpu":
+            _feed_forward_one_row_at_a_time(self.unet)
         for encoder in self._text_encoders():
             encoder.to(device).requires_grad_(False)
         self.device = torch.device(device)
@@ -107,6 +106,16 @@ def _output_hook(delta: TrainableDelta, prefix: str):
         return output + delta.output_change(module, prefix, inputs[0]) if delta.enabled else output
 
     return hook
+
+
+def _feed_forward_one_row_at_a_time(unet) -> None:
+    """Each feed-forward's 8x-wide hidden layer, otherwise the largest transient of a many-row sampling pass, is
+    computed one row at a time: less memory, the same outputs up to float rounding. It cost no time on the CPU but 13% of update time on
+    an H200 (200 esd-x updates of an SD1.5 UNet at 512x512: 39.5 s against 34.8 s), so a GPU uses it only in the
+    memory-saving mode, with gradient checkpointing."""
+    for block in unet.modules():
+        if hasattr(block, "set_chunk_feed_forward"):
+            block.set_chunk_feed_forward(1, dim=0)
 
 
 def _alphas_cumprod(scheduler) -> torch.Tensor:

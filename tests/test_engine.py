@@ -304,7 +304,7 @@ def test_gradient_checkpointing_trains_the_same_delta(tiny_folders):
     assert any(t.abs().max() > 0 for t in plain.values())
 
 
-def test_the_host_runs_feed_forwards_row_by_row_with_the_same_predictions(tiny_folders):
+def test_a_cpu_host_runs_feed_forwards_row_by_row_with_the_same_predictions(tiny_folders):
     pipeline = load_pipeline(tiny_folders["sd1"])
     config = pipeline.unet.config
     x_t = torch.randn(3, config.in_channels, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(0))
