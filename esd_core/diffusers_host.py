@@ -22,14 +22,14 @@ class DiffusersHost(ErasureHost):
 
     def __init__(self, pipeline: DiffusionPipeline, device="cpu", resolution: int | None = None, gradient_checkpointing: bool = False):
         self.pipeline = pipeline
-        self.unet = pipeline.unet.to(device).requires_grad_(False)
+        self.device = torch.device(device)
+        self.unet = pipeline.unet.to(self.device).requires_grad_(False)
         if gradient_checkpointing:  # recompute block activations in backward: less memory, ~30% more time per update
             self.unet.enable_gradient_checkpointing()
-        if gradient_checkpointing or torch.device(device).type == "cpu":
+        if gradient_checkpointing or self.device.type == "cpu":
             _feed_forward_one_row_at_a_time(self.unet)
         for encoder in self._text_encoders():
-            encoder.to(device).requires_grad_(False)
-        self.device = torch.device(device)
+            encoder.to(self.device).requires_grad_(False)
         self.dtype = self.unet.dtype
         self.vae_scale_factor = pipeline.vae_scale_factor
         latent_size = resolution // self.vae_scale_factor if resolution else self.unet.config.sample_size
