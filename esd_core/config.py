@@ -40,6 +40,7 @@ class EraseConfig:
     rank: int = 0  # 0: full-rank deltas; r > 0: LoRA-style factors of rank r
     preserve: str = ""  # comma-separated texts whose predictions the erasure must leave as they were
     preserve_weight: float = 1.0
+    repair_fraction: float = 0.0  # the last updates' share that trains on the preservation term alone
     seed: int = 0
 
     def __post_init__(self):
@@ -70,6 +71,12 @@ class EraseConfig:
             raise ValueError(f"reuse and rank must be 0 or more, got reuse={self.reuse}, rank={self.rank}.")
         if not (math.isfinite(self.preserve_weight) and self.preserve_weight >= 0):
             raise ValueError(f"preserve_weight must be a finite number >= 0, got {self.preserve_weight}. Try 1.0.")
+        if not (math.isfinite(self.repair_fraction) and 0 <= self.repair_fraction < 1 and self.repair_iterations < self.iterations):
+            raise ValueError(f"repair_fraction must be at least 0 and leave at least one erasing update, got {self.repair_fraction} "
+                             f"of {self.iterations} iterations. Try 0 (off) or 1/3.")
+        if self.repair_fraction > 0 and not self.preserved:
+            raise ValueError("A repair phase trains on the texts to preserve, and there are none. Give --preserve (and a "
+                             "preserve weight above 0), or set the repair fraction to 0.")
         if self.sample_with not in SAMPLE_WITH_CHOICES:
             raise ValueError(f"sample_with must be one of {SAMPLE_WITH_CHOICES}, got {self.sample_with!r}.")
 
@@ -89,6 +96,11 @@ class EraseConfig:
         them: classifier-free guidance uses its prediction for every image, so it must not drift."""
         texts = parse_concepts(self.preserve)
         return ["", *texts] if texts and self.preserve_weight > 0 else []
+
+    @property
+    def repair_iterations(self) -> int:
+        """How many of the last updates train on the preservation term alone."""
+        return round(self.repair_fraction * self.iterations)
 
     def as_metadata(self) -> dict[str, str]:
         """Every setting as strings, for the safetensors header."""

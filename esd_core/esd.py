@@ -8,7 +8,8 @@ f == c, and ``ef - eta * (ec - e0)`` when erasing c from another text f.
 With texts to preserve, a second stream of examples is sampled the same way under those texts (and the
 empty prompt), with the frozen model's own prediction as the target; each update adds its MSE, weighted
 by ``preserve_weight``, so that the erasure spares what it should not touch. ``sample_with`` says which
-model (trained or frozen) samples each stream's x_t.
+model (trained or frozen) samples each stream's x_t. The last ``repair_fraction`` of the updates may train
+on the preservation term alone (a repair phase), pulling back what drifted with the erasure.
 
 Two modes feed the same update with the same distribution of (x_t, t):
 - reference: a fresh partial trajectory for every example, as the paper does (one update's are sampled together);
@@ -167,14 +168,18 @@ def update(run: TrainingRun, optimizer: torch.optim.Optimizer, examples: list[Tr
 
 def run_updates(run: TrainingRun, optimizer: torch.optim.Optimizer, progress: ProgressCallback | None = None) -> None:
     """The loop: ``iterations`` updates, each on ``batch_size`` examples of the erased pairs (and as many of the
-    preserved texts), drawn by the configured mode."""
+    preserved texts), drawn by the configured mode. The last ``repair_iterations`` updates train on the preserved
+    texts alone: the erased concept is gone by then, and what drifted with it is pulled back."""
     config = run.config
     examples = EXAMPLE_SOURCES[config.mode]
     erased_trained, preserved_trained = config.samples_with_trained
-    streams = [(examples(run, config.pairs, erased_trained), 1.0)]
+    erased = (examples(run, config.pairs, erased_trained), 1.0)
+    streams = [erased]
     if config.preserved:
         streams.append((examples(run, [(None, text) for text in config.preserved], preserved_trained), config.preserve_weight))
     for iteration in range(config.iterations):
+        if iteration == config.iterations - config.repair_iterations:
+            streams.remove(erased)
         batch = [(next(stream), weight / config.batch_size) for stream, weight in streams for _ in range(config.batch_size)]
         loss = update(run, optimizer, [example for example, _ in batch], [weight for _, weight in batch], iteration)
         if progress is not None:

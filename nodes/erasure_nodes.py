@@ -159,6 +159,11 @@ class EraseConcept(io.ComfyNode):
                     "batch_size", default=1, optional=True, min=1, max=256,
                     tooltip="Examples per update, of the erased texts and again of the preserved ones. The paper uses 1.",
                 ),
+                io.Float.Input(
+                    "repair_fraction", default=0.0, optional=True, min=0.0, max=0.9, step=0.05,
+                    tooltip="Share of the iterations, at the end, that train on the preserved texts alone: the concept "
+                    "is gone by then, and what drifted with it is pulled back. Needs texts to preserve. 0: off (the paper).",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="A copy of the input model with the erasure applied."),
@@ -170,13 +175,14 @@ class EraseConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept, method, iterations, learning_rate, negative_guidance, sample_steps,
                 sample_guidance, seed, erase_from="", sample_with="trained", mode="fast", reuse=0, rank=0,
-                resolution=0, preserve="", preserve_weight=1.0, trajectories=8, batch_size=1) -> io.NodeOutput:
+                resolution=0, preserve="", preserve_weight=1.0, trajectories=8, batch_size=1, repair_fraction=0.0) -> io.NodeOutput:
         # the defaults serve callers (and saved workflows) from before an input existed
         config = EraseConfig(
             concept=concept, erase_from=erase_from or "", method=method, iterations=int(iterations), lr=float(learning_rate),
             eta=float(negative_guidance), sample_steps=int(sample_steps), sample_guidance=float(sample_guidance),
             sample_with=sample_with or "trained", seed=int(seed), mode=mode or "fast", reuse=int(reuse or 0),
             rank=int(rank or 0), preserve=preserve or "", preserve_weight=float(preserve_weight),
+            repair_fraction=float(repair_fraction or 0.0),
             trajectories=int(trajectories or 8), batch_size=int(batch_size or 1),
         )
         losses: list[float] = []

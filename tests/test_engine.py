@@ -326,3 +326,30 @@ def test_an_update_trains_on_batch_size_examples_of_each_stream(tiny_folders):
     train_erasure(host, quick_config(iterations=2, batch_size=2, preserve="blue"))
     x_t, timesteps = host.last_call
     assert x_t.shape[0] == 4 and len(timesteps) == 4  # 2 erased + 2 preserved examples, one pass
+
+
+def test_the_repair_phase_trains_on_the_preserved_texts_alone(tiny_folders, monkeypatch):
+    import esd_core.esd as esd
+
+    sources = []  # the texts each update trained on
+    original = esd.update
+    def recording(run, optimizer, examples, weights, iteration):
+        sources.append({example.source for example in examples})
+        return original(run, optimizer, examples, weights, iteration)
+    monkeypatch.setattr(esd, "update", recording)
+    config = quick_config(iterations=6, batch_size=4, preserve="blue", repair_fraction=1 / 3)
+    assert config.repair_iterations == 2
+    train_erasure(host_for(tiny_folders["sd1"]), config)
+    assert all("red" in texts for texts in sources[:4])
+    assert all(texts <= {"", "blue"} for texts in sources[4:]) and len(sources) == 6
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(repair_fraction=0.5), "there are none"),
+    (dict(repair_fraction=1.0, preserve="blue"), "at least one erasing update"),
+    (dict(repair_fraction=-0.1, preserve="blue"), "at least 0"),
+    (dict(repair_fraction=0.8, iterations=1, preserve="blue"), "at least one erasing update"),
+])
+def test_a_repair_phase_without_texts_to_preserve_or_without_erasing_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        quick_config(**settings)
