@@ -60,7 +60,7 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-guidance", type=float, help="classifier-free guidance while sampling x_t (paper: 3.0)")
     parser.add_argument("--preserve", help="comma-separated texts whose images the erasure must leave as they were (paper: none; tiny world: its other shapes and colours; \"\" for none)")
     parser.add_argument("--preserve-weight", type=float, help=f"weight of the preservation term against the erasure term (default {PAPER['preserve_weight']}; tiny world: {tiny_world_default('preserve_weight')})")
-    parser.add_argument("--repair-fraction", type=float, help=f"share of the iterations, at the end, that train on the preserved texts alone, pulling back what drifted with the erasure (paper: 0; tiny world: {TINY_WORLD['repair_fraction']:.3g})")
+    parser.add_argument("--repair-fraction", type=float, default=0.0, help="share of the iterations, at the end, that train on the preserved texts alone, pulling back what drifted with the erasure (default 0: none)")
     parser.add_argument("--sample-with", choices=SAMPLE_WITH_CHOICES, help=f"which model samples x_t: trained (paper), frozen (2025 diffusers script), or mixed: frozen for the erased texts, trained for the preserved ones (paper: {PAPER['sample_with']}; tiny world: {tiny_world_default('sample_with')})")
     parser.add_argument("--mode", default="fast", choices=MODES, help="fast (default): one sampled trajectory serves several updates; reference: a fresh trajectory per update, as the paper")
     parser.add_argument("--trajectories", type=int, default=8, help="fast mode: trajectories sampled together in one batched pass")
@@ -146,7 +146,7 @@ def erase_config(args, concept: str, method: str) -> EraseConfig:
     chosen = {field: getattr(args, field) if getattr(args, field) is not None else preset[field] for field in PRESET_FIELDS}
     return EraseConfig(
         concept=concept, erase_from=args.erase_from, method=method, mode=args.mode, trajectories=args.trajectories,
-        reuse=args.reuse, seed=args.seed, **chosen,
+        reuse=args.reuse, repair_fraction=args.repair_fraction, seed=args.seed, **chosen,
     )
 
 

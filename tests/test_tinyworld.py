@@ -179,3 +179,10 @@ def test_every_preset_setting_comes_from_the_model_preset_unless_given_on_the_co
         assert {field: getattr(left_out, field) for field in PRESET_FIELDS} == {field: preset[field] for field in PRESET_FIELDS}
         chosen = erase_config(erase_arguments(*model_flags, *flags), "circle", "esd-u")
         assert {field: getattr(chosen, field) for field in PRESET_FIELDS} == given
+
+
+def test_repair_fraction_is_off_unless_asked_for_on_the_command_line():
+    from esd_core.cli import erase_config
+
+    assert erase_config(erase_arguments(), "circle", "esd-u").repair_iterations == 0
+    assert erase_config(erase_arguments("--repair-fraction", "0.25"), "circle", "esd-u").repair_iterations == 75  # of 300
