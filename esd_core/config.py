@@ -73,7 +73,7 @@ class EraseConfig:
             raise ValueError(f"preserve_weight must be a finite number >= 0, got {self.preserve_weight}. Try 1.0.")
         if not (math.isfinite(self.repair_fraction) and 0 <= self.repair_fraction < 1 and self.repair_iterations < self.iterations):
             raise ValueError(f"repair_fraction must be at least 0 and leave at least one erasing update, got {self.repair_fraction} "
-                             f"of {self.iterations} iterations. Try 0 (off) or 1/3.")
+                             f"of {self.iterations} iterations. Try 0 (off) or 0.33.")
         if self.repair_fraction > 0 and not self.preserved:
             raise ValueError("A repair phase trains on the texts to preserve, and there are none. Give --preserve (and a "
                              "preserve weight above 0), or set the repair fraction to 0.")

@@ -169,7 +169,8 @@ def update(run: TrainingRun, optimizer: torch.optim.Optimizer, examples: list[Tr
 def run_updates(run: TrainingRun, optimizer: torch.optim.Optimizer, progress: ProgressCallback | None = None) -> None:
     """The loop: ``iterations`` updates, each on ``batch_size`` examples of the erased pairs (and as many of the
     preserved texts), drawn by the configured mode. The last ``repair_iterations`` updates train on the preserved
-    texts alone: the erased concept is gone by then, and what drifted with it is pulled back."""
+    texts alone, to pull back what drifted with the erasure (whether the erasure survives that depends on the
+    concept: README)."""
     config = run.config
     examples = EXAMPLE_SOURCES[config.mode]
     erased_trained, preserved_trained = config.samples_with_trained

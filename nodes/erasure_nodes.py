@@ -161,8 +161,9 @@ class EraseConcept(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "repair_fraction", default=0.0, optional=True, min=0.0, max=0.9, step=0.05,
-                    tooltip="Share of the iterations, at the end, that train on the preserved texts alone: the concept "
-                    "is gone by then, and what drifted with it is pulled back. Needs texts to preserve. 0: off (the paper).",
+                    tooltip="Share of the iterations, at the end, that train on the preserved texts alone, to pull back "
+                    "what drifted with the erasure; check that the concept stays erased (it did for some concepts, not for "
+                    "others). Needs texts to preserve. 0: off (the paper).",
                 ),
             ],
             outputs=[
