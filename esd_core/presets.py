@@ -23,7 +23,7 @@ PAPER = dict(iterations=1000, lr=1e-5, eta=1.0, sample_steps=50, sample_guidance
 # images for the triangle's erasure). Batch 16 made that worse, and esd-u preservation weight 8 or 16, eta 4,
 # rank 4 or 16, ending on a moving average of the delta, weight decay, projecting conflicting gradients,
 # preserving guided predictions, a repair phase (--repair-fraction), 4-8 times the sampled trajectories, half
-# the rate for twice the updates or fewer updates did not remove it (README).
+# the rate for twice the updates, fewer updates or sampling at guidance 5 did not remove it (README).
 TINY_WORLD = dict(iterations=300, lr=1e-3, eta=1.0, sample_steps=50, sample_guidance=3.0, sample_with="trained", batch_size=8,
                   preserve_weight=1.0, rank=0)
 # Methods that train (nearly) the whole UNet took the other shapes with the erased one when their deltas were
