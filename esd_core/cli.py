@@ -58,7 +58,7 @@ def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", type=float, help=f"negative guidance, the paper's eta (paper: {PAPER['eta']}, and esd_sd.py's 2.0 equals 1.0 here; tiny world: {tiny_world_default('eta')})")
     parser.add_argument("--sample-steps", type=int, help="DDIM steps of the x_t sampling schedule (paper: 50)")
     parser.add_argument("--sample-guidance", type=float, help="classifier-free guidance while sampling x_t (paper: 3.0)")
-    parser.add_argument("--preserve", help="comma-separated texts whose images the erasure must leave as they were (paper: none; tiny world: its other shapes and colours; \"\" for none)")
+    parser.add_argument("--preserve", help="comma-separated texts whose images the erasure must leave as they were (paper: none; tiny world: the concepts an erasure puts at risk, for a shape the other shapes, for a colour every other shape and colour; \"\" for none)")
     parser.add_argument("--preserve-weight", type=float, help=f"weight of the preservation term against the erasure term (default {PAPER['preserve_weight']}; tiny world: {tiny_world_default('preserve_weight')})")
     parser.add_argument("--repair-fraction", type=float, default=0.0, help="share of the iterations, at the end, that train on the preserved texts alone, pulling back what drifted with the erasure (default 0: none)")
     parser.add_argument("--sample-with", choices=SAMPLE_WITH_CHOICES, help=f"which model samples x_t: trained (paper), frozen (2025 diffusers script), or mixed: frozen for the erased texts, trained for the preserved ones (paper: {PAPER['sample_with']}; tiny world: {tiny_world_default('sample_with')})")

@@ -135,10 +135,12 @@ def test_evaluate_without_delta_has_no_after(monkeypatch):
     assert set(result["summary"]) == {"before"}
 
 
-def test_tiny_world_preserves_every_concept_the_erased_texts_do_not_name():
+def test_tiny_world_preserves_the_concepts_at_risk_that_the_erased_texts_do_not_name():
     from esd_core.presets import defaults_for
 
-    assert defaults_for(None, "esd-u", "circle")["preserve"] == "square, triangle, star, red, green, blue, yellow"
+    assert defaults_for(None, "esd-u", "circle")["preserve"] == "square, triangle, star"  # shapes put only shapes at risk
+    assert defaults_for(None, "esd-x", "red")["preserve"] == "circle, square, triangle, star, green, blue, yellow"
+    assert defaults_for(None, "esd-u", "circle, red")["preserve"] == "square, triangle, star, green, blue, yellow"
     assert "circle" not in defaults_for(None, "esd-x", "disc")["preserve"]  # a synonym names its concept
     kept = defaults_for(None, "esd-x", "crimson star, blue")["preserve"].split(", ")
     assert kept == ["circle", "square", "triangle", "green", "yellow"]
