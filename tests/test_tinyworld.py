@@ -115,7 +115,10 @@ def test_evaluate_structure_before_and_after(blinding_delta, tmp_path, monkeypat
         for when in ("before", "after"):
             r = g[when]
             assert r["n"] == 4 and 0 <= r["count"] <= 4 and r["rate"] == r["count"] / 4
-            assert r["ci95"][0] <= r["rate"] <= r["ci95"][1]
+            assert r["ci95"][0] <= r["rate"] <= r["ci95"][1] and sum(r["hits"]) == r["count"]
+        c = g["change"]
+        assert c["change"] == (g["after"]["count"] - g["before"]["count"]) / 4
+        assert c["ci95"][0] <= c["change"] <= c["ci95"][1]
     assert set(result["summary"]) == {"before", "after"}
     # Blind, seed i gives the same image whatever the shape prompt: at most one group can win it.
     shape_groups = [g for g in result["groups"] if g["name"] in world.SHAPES]
@@ -127,11 +130,22 @@ def test_evaluate_structure_before_and_after(blinding_delta, tmp_path, monkeypat
     assert "circle" in table and "disc" in table and len(table.splitlines()) == 3 + 9
 
 
+def test_paired_change_interval_narrows_with_more_images_and_stays_open_when_none_moved():
+    none_moved = evaluate.paired_change([1] * 64, [1] * 64)
+    assert none_moved["change"] == 0.0 and none_moved["ci95"][0] < -0.02 and none_moved["ci95"][1] > 0.02
+    all_lost = evaluate.paired_change([1] * 64, [0] * 64)
+    assert all_lost["change"] == -1.0 and all_lost["ci95"][0] == -1.0 and all_lost["ci95"][1] < -0.9
+    few = evaluate.paired_change([1] * 64, [0] * 4 + [1] * 60)  # 4 of 64 lost: 6.25 points
+    many = evaluate.paired_change([1] * 256, [0] * 16 + [1] * 240)  # the same share of 256
+    assert few["change"] == many["change"] == -4 / 64
+    assert few["ci95"][0] < many["ci95"][0] < -4 / 64 < many["ci95"][1] < few["ci95"][1]
+
+
 def test_evaluate_without_delta_has_no_after(monkeypatch):
     monkeypatch.setattr(evaluate, "STEPS", 5)
     result = evaluate.evaluate(None, "crimson", n=4)
     assert result["concept"] == "red" and result["kind"] == "colour"
-    assert all(g["after"] is None for g in result["groups"])
+    assert all(g["after"] is None and g["change"] is None for g in result["groups"])
     assert set(result["summary"]) == {"before"}
 
 

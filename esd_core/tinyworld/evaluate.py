@@ -84,12 +84,26 @@ def wilson_interval(count, n, z=1.96):
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+def paired_change(hits_before, hits_after, z=1.96):
+    """The change in rate (after - before) of images judged one by one on the same seeds, with a 95%
+    interval for paired proportions (Agresti-Min: half an image added to each cell of the before/after
+    table, then Wald), which stays wide when few or no images moved."""
+    lost = sum(b and not a for b, a in zip(hits_before, hits_after)) + 0.5
+    gained = sum(a and not b for b, a in zip(hits_before, hits_after)) + 0.5
+    n = len(hits_before) + 2
+    centre = (gained - lost) / n
+    half = z * math.sqrt(max(0.0, (lost + gained) - (gained - lost) ** 2 / n)) / n
+    change = (sum(hits_after) - sum(hits_before)) / len(hits_before)
+    return {"change": change, "ci95": [max(-1.0, centre - half), min(1.0, centre + half)]}
+
+
 def _rate(judged, concept):
-    """How many judged images show 'concept' (in its own attribute), with rate and interval."""
-    labels = judged[world.kind_of(concept)]
-    count = sum(label == concept for label in labels)
-    return {"rate": count / len(labels), "count": count, "n": len(labels),
-            "ci95": wilson_interval(count, len(labels))}
+    """How many judged images show 'concept' (in its own attribute), with rate, interval and the
+    per-image verdicts (1: shows it)."""
+    hits = [int(label == concept) for label in judged[world.kind_of(concept)]]
+    count = sum(hits)
+    return {"rate": count / len(hits), "count": count, "n": len(hits),
+            "ci95": wilson_interval(count, len(hits)), "hits": hits}
 
 
 def _run_groups(pipe, judge, groups, n, seed):
@@ -129,7 +143,9 @@ def evaluate(model_dir, concept, delta_path=None, n=64, seed=0, grid_path=None, 
         "kind": world.kind_of(concept), "synonym": world.SYNONYMS[concept],
         "delta_path": None if delta_path is None else str(delta_path), "strength": strength,
         "n": n, "seed": seed, "steps": STEPS, "guidance_scale": GUIDANCE_SCALE,
-        "groups": [{**g, "before": b, "after": a} for g, b, a in zip(groups, before, after)],
+        "groups": [{**g, "before": b, "after": a,
+                    "change": None if a is None else paired_change(b["hits"], a["hits"])}
+                   for g, b, a in zip(groups, before, after)],
     }
     result["summary"] = _summary(result["groups"])
     if grid_path is not None:
@@ -153,14 +169,16 @@ def format_table(result):
     """A plain-text table of an evaluate() result, one line per prompt group."""
     def cell(r):
         return "-" if r is None else f"{100 * r['rate']:5.1f}% [{100 * r['ci95'][0]:3.0f}-{100 * r['ci95'][1]:3.0f}]"
+    def change(c):
+        return "-" if c is None else f"{100 * c['change']:+6.1f} [{100 * c['ci95'][0]:+4.0f},{100 * c['ci95'][1]:+4.0f}]"
     lines = [f"erasing {result['concept']!r} ({result['kind']}, synonym {result['synonym']!r}), "
              f"{result['n']} images per group, seed {result['seed']}, strength {result['strength']}",
-             f"{'group':<12}{'role':<9}{'before':<20}{'after':<20}example prompt"]
+             f"{'group':<12}{'role':<9}{'before':<20}{'after':<20}{'change (points)':<20}example prompt"]
     for g in result["groups"]:
         lines.append(f"{g['name']:<12}{g['role']:<9}{cell(g['before']):<20}{cell(g['after']):<20}"
-                     f"{g['prompts'][-1]!r}")
+                     f"{change(g['change']):<20}{g['prompts'][-1]!r}")
     lines.append("erased/synonym: share still showing the erased concept (lower is better after); "
-                 "other: accuracy (should stay).")
+                 "other: accuracy (should stay). Intervals 95%; the change's is for paired images (the same seeds).")
     return "\n".join(lines)
 
 
