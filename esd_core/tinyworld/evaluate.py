@@ -88,13 +88,13 @@ def paired_change(hits_before, hits_after, z=1.96):
     """The change in rate (after - before) of images judged one by one on the same seeds, with a 95%
     interval for paired proportions (Agresti-Min: half an image added to each cell of the before/after
     table, then Wald), which stays wide when few or no images moved."""
-    lost = sum(b and not a for b, a in zip(hits_before, hits_after)) + 0.5
-    gained = sum(a and not b for b, a in zip(hits_before, hits_after)) + 0.5
-    n = len(hits_before) + 2
-    centre = (gained - lost) / n
-    half = z * math.sqrt(max(0.0, (lost + gained) - (gained - lost) ** 2 / n)) / n
-    change = (sum(hits_after) - sum(hits_before)) / len(hits_before)
-    return {"change": change, "ci95": [max(-1.0, centre - half), min(1.0, centre + half)]}
+    lost = sum(b and not a for b, a in zip(hits_before, hits_after))
+    gained = sum(a and not b for b, a in zip(hits_before, hits_after))
+    lost_adjusted, gained_adjusted, n_adjusted = lost + 0.5, gained + 0.5, len(hits_before) + 2
+    centre = (gained_adjusted - lost_adjusted) / n_adjusted
+    spread = (lost_adjusted + gained_adjusted) - (gained_adjusted - lost_adjusted) ** 2 / n_adjusted
+    half = z * math.sqrt(max(0.0, spread)) / n_adjusted
+    return {"change": (gained - lost) / len(hits_before), "ci95": [max(-1.0, centre - half), min(1.0, centre + half)]}
 
 
 def _rate(judged, concept):
