@@ -116,9 +116,11 @@ def test_evaluate_structure_before_and_after(blinding_delta, tmp_path, monkeypat
             r = g[when]
             assert r["n"] == 4 and 0 <= r["count"] <= 4 and r["rate"] == r["count"] / 4
             assert r["ci95"][0] <= r["rate"] <= r["ci95"][1] and sum(r["hits"]) == r["count"]
-        c = g["change"]
-        assert c["change"] == (g["after"]["count"] - g["before"]["count"]) / 4
-        assert c["ci95"][0] <= c["change"] <= c["ci95"][1]
+            assert r["striped"]["rate"] == sum(r["striped"]["hits"]) / 4 == r["striped"]["count"] / 4
+        for change, counts in (("change", lambda r: r["count"]), ("striped_change", lambda r: r["striped"]["count"])):
+            c = g[change]
+            assert c["change"] == (counts(g["after"]) - counts(g["before"])) / 4
+            assert c["ci95"][0] <= c["change"] <= c["ci95"][1]
     assert set(result["summary"]) == {"before", "after"}
     # Blind, seed i gives the same image whatever the shape prompt: at most one group can win it.
     shape_groups = [g for g in result["groups"] if g["name"] in world.SHAPES]
@@ -127,7 +129,10 @@ def test_evaluate_structure_before_and_after(blinding_delta, tmp_path, monkeypat
     width, height = Image.open(grid).size  # 9 rows of 34-px cells (x3), before and after side by side
     assert height == 9 * 34 * 3 and width > 2 * 4 * 34 * 3
     table = evaluate.format_table(result)
-    assert "circle" in table and "disc" in table and len(table.splitlines()) == 3 + 9
+    assert "circle" in table and "disc" in table and len(table.splitlines()) == 4 + 9
+    star = next(g for g in result["groups"] if g["name"] == "star")
+    shares = f"{100 * star['before']['striped']['rate']:.0f} -> {100 * star['after']['striped']['rate']:.0f}%"
+    assert shares in next(line for line in table.splitlines() if line.startswith("star "))
 
 
 def test_paired_change_interval_narrows_with_more_images_and_stays_open_when_none_moved():
@@ -145,7 +150,8 @@ def test_evaluate_without_delta_has_no_after(monkeypatch):
     monkeypatch.setattr(evaluate, "STEPS", 5)
     result = evaluate.evaluate(None, "crimson", n=4)
     assert result["concept"] == "red" and result["kind"] == "colour"
-    assert all(g["after"] is None and g["change"] is None for g in result["groups"])
+    assert all(g["after"] is None and g["change"] is None and g["striped_change"] is None for g in result["groups"])
+    assert "->" not in evaluate.format_table(result)
     assert set(result["summary"]) == {"before"}
 
 

@@ -99,11 +99,14 @@ def paired_change(hits_before, hits_after, z=1.96):
 
 def _rate(judged, concept):
     """How many judged images show 'concept' (in its own attribute), with rate, interval and the
-    per-image verdicts (1: shows it)."""
+    per-image verdicts (1: shows it); and how many the judge reads as striped, since no prompt names a
+    texture and an erasure may still change it (the circle's turned plain stars striped)."""
     hits = [int(label == concept) for label in judged[world.kind_of(concept)]]
+    striped = [int(label == "striped") for label in judged["texture"]]
     count = sum(hits)
     return {"rate": count / len(hits), "count": count, "n": len(hits),
-            "ci95": wilson_interval(count, len(hits)), "hits": hits}
+            "ci95": wilson_interval(count, len(hits)), "hits": hits,
+            "striped": {"rate": sum(striped) / len(striped), "count": sum(striped), "hits": striped}}
 
 
 def _run_groups(pipe, judge, groups, n, seed):
@@ -123,9 +126,10 @@ def evaluate(model_dir, concept, delta_path=None, n=64, seed=0, grid_path=None, 
     """Benchmark the erasure of 'concept' stored in delta_path (None: the base model only).
 
     Returns a JSON-serialisable dict: settings, and per prompt group its role ("erased",
-    "synonym" or "other"), prompts, and "before"/"after" = {rate, count, n, ci95} where rate is
-    the share of images the judge assigns to the group's concept ("after" is None without a
-    delta), plus a "summary" of the erased, synonym and mean other rates.
+    "synonym" or "other"), prompts, and "before"/"after" = {rate, count, n, ci95, hits, striped} where
+    rate is the share of images the judge assigns to the group's concept and striped the share it
+    reads as striped ("after" is None without a delta), "change" and "striped_change" (paired, with
+    intervals), plus a "summary" of the erased, synonym and mean other rates.
     """
     concept = world.canonical(concept)
     pipe, judge = load_pipeline(model_dir), judge_lib.load_judge()
@@ -144,7 +148,8 @@ def evaluate(model_dir, concept, delta_path=None, n=64, seed=0, grid_path=None, 
         "delta_path": None if delta_path is None else str(delta_path), "strength": strength,
         "n": n, "seed": seed, "steps": STEPS, "guidance_scale": GUIDANCE_SCALE,
         "groups": [{**g, "before": b, "after": a,
-                    "change": None if a is None else paired_change(b["hits"], a["hits"])}
+                    "change": None if a is None else paired_change(b["hits"], a["hits"]),
+                    "striped_change": None if a is None else paired_change(b["striped"]["hits"], a["striped"]["hits"])}
                    for g, b, a in zip(groups, before, after)],
     }
     result["summary"] = _summary(result["groups"])
@@ -171,14 +176,19 @@ def format_table(result):
         return "-" if r is None else f"{100 * r['rate']:5.1f}% [{100 * r['ci95'][0]:3.0f}-{100 * r['ci95'][1]:3.0f}]"
     def change(c):
         return "-" if c is None else f"{100 * c['change']:+6.1f} [{100 * c['ci95'][0]:+4.0f},{100 * c['ci95'][1]:+4.0f}]"
+    def striped(g):
+        shares = [f"{100 * g[when]['striped']['rate']:.0f}" for when in ("before", "after") if g[when] is not None]
+        return " -> ".join(shares) + "%"
     lines = [f"erasing {result['concept']!r} ({result['kind']}, synonym {result['synonym']!r}), "
              f"{result['n']} images per group, seed {result['seed']}, strength {result['strength']}",
-             f"{'group':<12}{'role':<9}{'before':<20}{'after':<20}{'change (points)':<20}example prompt"]
+             f"{'group':<12}{'role':<9}{'before':<20}{'after':<20}{'change (points)':<20}{'striped':<12}example prompt"]
     for g in result["groups"]:
         lines.append(f"{g['name']:<12}{g['role']:<9}{cell(g['before']):<20}{cell(g['after']):<20}"
-                     f"{change(g['change']):<20}{g['prompts'][-1]!r}")
+                     f"{change(g['change']):<20}{striped(g):<12}{g['prompts'][-1]!r}")
     lines.append("erased/synonym: share still showing the erased concept (lower is better after); "
                  "other: accuracy (should stay). Intervals 95%; the change's is for paired images (the same seeds).")
+    lines.append("striped: share of the images drawn striped; no prompt names a texture, so for the other groups "
+                 "it should stay too (JSON: striped_change).")
     return "\n".join(lines)
 
 
