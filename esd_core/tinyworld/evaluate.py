@@ -97,16 +97,18 @@ def paired_change(hits_before, hits_after, z=1.96):
     return {"change": (gained - lost) / len(hits_before), "ci95": [max(-1.0, centre - half), min(1.0, centre + half)]}
 
 
+def _share(hits):
+    """Per-image verdicts (1: yes), with how many say yes and their share."""
+    return {"rate": sum(hits) / len(hits), "count": sum(hits), "n": len(hits), "hits": hits}
+
+
 def _rate(judged, concept):
     """How many judged images show 'concept' (in its own attribute), with rate, interval and the
-    per-image verdicts (1: shows it); and how many the judge reads as striped, since no prompt names a
-    texture and an erasure may still change it (the circle's turned plain stars striped)."""
-    hits = [int(label == concept) for label in judged[world.kind_of(concept)]]
-    striped = [int(label == "striped") for label in judged["texture"]]
-    count = sum(hits)
-    return {"rate": count / len(hits), "count": count, "n": len(hits),
-            "ci95": wilson_interval(count, len(hits)), "hits": hits,
-            "striped": {"rate": sum(striped) / len(striped), "count": sum(striped), "hits": striped}}
+    per-image verdicts; and how many the judge reads as striped, since no prompt names a texture and an
+    erasure may still change it (the circle's turned plain stars striped)."""
+    shows = _share([int(label == concept) for label in judged[world.kind_of(concept)]])
+    striped = _share([int(label == "striped") for label in judged["texture"]])
+    return {**shows, "ci95": wilson_interval(shows["count"], shows["n"]), "striped": striped}
 
 
 def _run_groups(pipe, judge, groups, n, seed):
