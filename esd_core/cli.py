@@ -79,7 +79,8 @@ ERASE_DESCRIPTION = (
     "Train an erasure delta. For any model the paper's settings are the defaults: 1000 iterations, lr 1e-5, "
     "eta 1.0, 50 DDIM sampling steps at guidance 3.0, sampling with the model being trained. For the shipped "
     f"tiny world (no --model) the defaults are tuned for it: {TINY_WORLD}, per method changed by "
-    f"{TINY_WORLD_BY_METHOD}, and every shape and colour the concept does not name is preserved.\n"
+    f"{TINY_WORLD_BY_METHOD}, and the concepts an erasure puts at risk are preserved (for a shape the other shapes, "
+    "for a colour every other shape and colour).\n"
     "To reproduce the 2025 reference script (esd_sd.py): --iterations 200 --lr 5e-5 --eta 1.0 --sample-with frozen "
     "--mode reference --dtype bf16; its 'negative guidance 2' is our eta 1, because its eta is the paper's eta + 1."
 )
