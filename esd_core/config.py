@@ -41,6 +41,7 @@ class EraseConfig:
     preserve: str = ""  # comma-separated texts whose predictions the erasure must leave as they were
     preserve_weight: float = 1.0
     repair_fraction: float = 0.0  # the last updates' share that trains on the preservation term alone
+    orthogonal_push: bool = False  # push away from the concept only orthogonally to the preserved texts' directions
     seed: int = 0
 
     def __post_init__(self):
@@ -77,6 +78,9 @@ class EraseConfig:
         if self.repair_fraction > 0 and not self.preserved:
             raise ValueError("A repair phase trains on the texts to preserve, and there are none. Give --preserve (and a "
                              "preserve weight above 0), or set the repair fraction to 0.")
+        if self.orthogonal_push and not parse_concepts(self.preserve):
+            raise ValueError("An orthogonal push steers clear of the texts to preserve, and there are none. Give --preserve, "
+                             "or turn the orthogonal push off.")
         if self.sample_with not in SAMPLE_WITH_CHOICES:
             raise ValueError(f"sample_with must be one of {SAMPLE_WITH_CHOICES}, got {self.sample_with!r}.")
 

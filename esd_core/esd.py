@@ -7,9 +7,11 @@ f == c, and ``ef - eta * (ec - e0)`` when erasing c from another text f.
 
 With texts to preserve, a second stream of examples is sampled the same way under those texts (and the
 empty prompt), with the frozen model's own prediction as the target; each update adds its MSE, weighted
-by ``preserve_weight``, so that the erasure spares what it should not touch. ``sample_with`` says which
-model (trained or frozen) samples each stream's x_t. The last ``repair_fraction`` of the updates may train
-on the preservation term alone (a repair phase), pulling back what drifted with the erasure.
+by ``preserve_weight``, so that the erasure spares what it should not touch. With ``orthogonal_push`` the
+erasing target spares them too: the push away from c keeps only its part orthogonal to the preserved texts'
+directions at the same x_t. ``sample_with`` says which model (trained or frozen) samples each stream's x_t.
+The last ``repair_fraction`` of the updates may train on the preservation term alone (a repair phase),
+pulling back what drifted with the erasure.
 
 Two modes feed the same update with the same distribution of (x_t, t):
 - reference: a fresh partial trajectory for every example, as the paper does (one update's are sampled together);
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import EraseConfig
+from .config import EraseConfig, parse_concepts
 from .erasure_file import ErasureDelta, erasure_metadata, fingerprint
 from .host import ErasureHost
 from .methods import select_parameters
@@ -56,11 +58,33 @@ class TrainingExample:
     target: torch.Tensor
 
 
-def esd_target(e0: torch.Tensor, ec: torch.Tensor, ef: torch.Tensor | None, eta: float) -> torch.Tensor:
+# An orthogonal push is rescaled to the full push's length by at most this factor, so that a push lying almost
+# wholly along the preserved texts' directions does not turn into noise at full strength (on the tiny world
+# the factor was 1.1-1.4: 20-50% of the push's square length lies along the other shapes').
+MAX_PUSH_RESCALE = 2.0
+
+
+def esd_target(e0: torch.Tensor, ec: torch.Tensor, ef: torch.Tensor | None, eta: float, kept: torch.Tensor | None = None) -> torch.Tensor:
     """Negative guidance away from c: the paper's ``e0 - eta * (ec - e0)``; when erasing c from another text f
-    (``ef`` given), the anchor is f's own prediction: ``ef - eta * (ec - e0)``."""
+    (``ef`` given), the anchor is f's own prediction: ``ef - eta * (ec - e0)``. With ``kept`` (the frozen
+    predictions for the preserved texts, stacked on dim 1), the push ``ec - e0`` keeps only what sets c apart
+    from them: its part orthogonal to their directions ``e_p - e0``, at the push's own length."""
+    push = ec - e0
+    if kept is not None:
+        push = orthogonal_part(push, kept - e0.unsqueeze(1))
     anchor = e0 if ef is None else ef
-    return anchor - eta * (ec - e0)
+    return anchor - eta * push
+
+
+def orthogonal_part(push: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Each example's ``push`` (batch, ...) less its least-squares projection onto that example's ``directions``
+    (batch, k, ...), over the whole latent; rescaled towards the push's own length (by at most ``MAX_PUSH_RESCALE``)."""
+    flat = push.flatten(1).float()
+    basis = directions.flatten(2).float().transpose(1, 2)  # (batch, latent size, k)
+    perp = flat - (basis @ (torch.linalg.pinv(basis) @ flat.unsqueeze(-1))).squeeze(-1)
+    perp_length = perp.norm(dim=1, keepdim=True)
+    rescale = (flat.norm(dim=1, keepdim=True) / perp_length.clamp_min(torch.finfo(perp.dtype).tiny)).clamp(max=MAX_PUSH_RESCALE)
+    return (perp * rescale).view_as(push).to(push.dtype)
 
 
 class TrainingRun:
@@ -68,7 +92,8 @@ class TrainingRun:
 
     def __init__(self, host: ErasureHost, delta: TrainableDelta, config: EraseConfig, generator: torch.Generator):
         self.host, self.delta, self.config, self.generator = host, delta, config, generator
-        texts = ["", *(t for pair in config.pairs for t in pair), *config.preserved]
+        self.kept = parse_concepts(config.preserve) if config.orthogonal_push else []  # the texts an orthogonal push spares
+        texts = ["", *(t for pair in config.pairs for t in pair), *config.preserved, *self.kept]
         self.conds = {text: host.encode(text) for text in texts}
         self.scheduler = ddim_scheduler(host.alphas_cumprod, config.sample_steps)
 
@@ -93,10 +118,10 @@ class TrainingRun:
     @torch.no_grad()
     def targets(self, states: list[tuple[torch.Tensor, int]], pair: Pair) -> list[torch.Tensor]:
         """The frozen model's targets for several states of one pair, ``FROZEN_STATES_PER_PASS`` states per
-        batched pass: the ESD target for an erased (concept, source) pair, the frozen prediction itself for a
-        preserved (None, text) pair."""
+        batched pass: the ESD target for an erased (concept, source) pair (with an orthogonal push, the preserved
+        texts are predicted too), the frozen prediction itself for a preserved (None, text) pair."""
         concept, source = pair
-        texts = [source] if concept is None else ["", concept] if concept == source else ["", concept, source]
+        texts = [source] if concept is None else ["", concept, *([source] if source != concept else []), *self.kept]
         rows = len(texts)
         targets = []
         for start in range(0, len(states), FROZEN_STATES_PER_PASS):
@@ -109,7 +134,9 @@ class TrainingRun:
             if concept is None:
                 targets += list(eps[:, 0])
             else:
-                targets += list(esd_target(eps[:, 0], eps[:, 1], eps[:, 2] if rows == 3 else None, self.config.eta))
+                ef = eps[:, 2] if source != concept else None
+                kept = eps[:, rows - len(self.kept) :] if self.kept else None
+                targets += list(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta, kept))
         return targets
 
 

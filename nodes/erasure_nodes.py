@@ -165,6 +165,12 @@ class EraseConcept(io.ComfyNode):
                     "what drifted with the erasure; check that the concept stays erased (it did for some concepts, not for "
                     "others). Needs texts to preserve. 0: off (the paper).",
                 ),
+                io.Boolean.Input(
+                    "orthogonal_push", default=False, optional=True,
+                    tooltip="Push away from the concept only where it differs from the texts to preserve (the part of its "
+                    "direction orthogonal to theirs, at full length): spares them more, may erase less. Needs texts to "
+                    "preserve. Off: the paper.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="A copy of the input model with the erasure applied."),
@@ -176,14 +182,15 @@ class EraseConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept, method, iterations, learning_rate, negative_guidance, sample_steps,
                 sample_guidance, seed, erase_from="", sample_with="trained", mode="fast", reuse=0, rank=0,
-                resolution=0, preserve="", preserve_weight=1.0, trajectories=8, batch_size=1, repair_fraction=0.0) -> io.NodeOutput:
+                resolution=0, preserve="", preserve_weight=1.0, trajectories=8, batch_size=1, repair_fraction=0.0,
+                orthogonal_push=False) -> io.NodeOutput:
         # the defaults serve callers (and saved workflows) from before an input existed
         config = EraseConfig(
             concept=concept, erase_from=erase_from or "", method=method, iterations=int(iterations), lr=float(learning_rate),
             eta=float(negative_guidance), sample_steps=int(sample_steps), sample_guidance=float(sample_guidance),
             sample_with=sample_with or "trained", seed=int(seed), mode=mode or "fast", reuse=int(reuse or 0),
             rank=int(rank or 0), preserve=preserve or "", preserve_weight=float(preserve_weight),
-            repair_fraction=float(repair_fraction or 0.0),
+            repair_fraction=float(repair_fraction or 0.0), orthogonal_push=bool(orthogonal_push),
             trajectories=int(trajectories or 8), batch_size=int(batch_size or 1),
         )
         losses: list[float] = []

@@ -353,3 +353,46 @@ def test_the_repair_phase_trains_on_the_preserved_texts_alone(tiny_folders, monk
 def test_a_repair_phase_without_texts_to_preserve_or_without_erasing_is_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         quick_config(**settings)
+
+
+def test_an_orthogonal_push_is_orthogonal_to_the_directions_and_keeps_its_length():
+    from esd_core.esd import MAX_PUSH_RESCALE, orthogonal_part
+
+    generator = torch.Generator().manual_seed(0)
+    push = torch.randn(3, 4, 8, 8, generator=generator)
+    directions = torch.randn(3, 2, 4, 8, 8, generator=generator)
+    result = orthogonal_part(push, directions)
+    for row in range(3):
+        for direction in directions[row]:
+            assert torch.dot(result[row].flatten(), direction.flatten()).abs() < 1e-3 * result[row].norm() * direction.norm()
+        assert result[row].norm() == pytest.approx(push[row].norm().item(), rel=1e-4)
+    # a push almost wholly along one direction: what is left is rescaled by at most MAX_PUSH_RESCALE
+    nearly_along = directions[:, 0] + 0.01 * torch.randn(3, 4, 8, 8, generator=generator)
+    shrunk = orthogonal_part(nearly_along, directions)
+    assert (shrunk.flatten(1).norm(dim=1) < 0.5 * nearly_along.flatten(1).norm(dim=1)).all()
+    residual = orthogonal_part(nearly_along, directions) / MAX_PUSH_RESCALE
+    assert torch.dot(residual[0].flatten(), directions[0, 0].flatten()).abs() < 1e-3 * residual[0].norm() * directions[0, 0].norm()
+
+
+def test_an_orthogonal_push_target_steers_clear_of_the_preserved_texts(tiny_folders):
+    """At iteration 0 the loss is |ec - target|^2 with target = e0 - eta * push, the push being ec - e0 less its
+    least-squares projection onto the preserved texts' e_p - e0 (independent UNet calls and torch.linalg.lstsq),
+    rescaled to the length of ec - e0."""
+    host = RecordingHost(load_pipeline(tiny_folders["sd1"]))
+    losses = []
+    config = quick_config(iterations=1, eta=0.7, preserve="blue, a green bird", preserve_weight=0.0, orthogonal_push=True)
+    train_erasure(host, config, lambda i, loss: losses.append(loss))
+    x_t, timestep = host.last_call
+    e0, ec = (unet_eps(host.pipeline, x_t, timestep, text).flatten() for text in ("", "red"))
+    directions = torch.stack([unet_eps(host.pipeline, x_t, timestep, text).flatten() - e0 for text in ("blue", "a green bird")], dim=1)
+    push = ec - e0
+    along = directions @ torch.linalg.lstsq(directions, push.unsqueeze(1)).solution
+    perp = push - along.squeeze(1)
+    expected_push = perp * push.norm() / perp.norm()
+    assert losses[0] == pytest.approx(torch.mean((ec - (e0 - 0.7 * expected_push)) ** 2).item(), rel=1e-3)
+    assert losses[0] != pytest.approx(torch.mean((ec - (e0 - 0.7 * push)) ** 2).item(), rel=1e-3)
+
+
+def test_an_orthogonal_push_without_texts_to_preserve_is_refused():
+    with pytest.raises(ValueError, match="orthogonal push steers clear of the texts to preserve, and there are none"):
+        quick_config(orthogonal_push=True)

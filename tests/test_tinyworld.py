@@ -193,14 +193,17 @@ def test_every_preset_setting_comes_from_the_model_preset_unless_given_on_the_co
     given = dict(iterations=7, lr=0.5, eta=3.5, sample_steps=9, sample_guidance=2.5, batch_size=3, preserve="dog",
                  preserve_weight=0.5, rank=4)
     given["sample_with"] = next(c for c in SAMPLE_WITH_CHOICES if all(c != preset["sample_with"] for _, preset in presets))
-    assert set(given) == set(PRESET_FIELDS)
-    assert all(given[field] != preset[field] for _, preset in presets for field in PRESET_FIELDS)  # so an override shows
     flags = [word for field, value in given.items() for word in (f"--{field.replace('_', '-')}", str(value))]
     for model_flags, preset in presets:
         left_out = erase_config(erase_arguments(*model_flags), "circle", "esd-u")
         assert {field: getattr(left_out, field) for field in PRESET_FIELDS} == {field: preset[field] for field in PRESET_FIELDS}
-        chosen = erase_config(erase_arguments(*model_flags, *flags), "circle", "esd-u")
-        assert {field: getattr(chosen, field) for field in PRESET_FIELDS} == given
+        switched = not preset["orthogonal_push"]  # an on/off flag: the other value than this preset's
+        chosen_here = {**given, "orthogonal_push": switched}
+        assert set(chosen_here) == set(PRESET_FIELDS)
+        assert all(chosen_here[field] != preset[field] for field in PRESET_FIELDS)  # so an override shows
+        switch_flag = "--orthogonal-push" if switched else "--no-orthogonal-push"
+        chosen = erase_config(erase_arguments(*model_flags, *flags, switch_flag), "circle", "esd-u")
+        assert {field: getattr(chosen, field) for field in PRESET_FIELDS} == chosen_here
 
 
 def test_repair_fraction_is_off_unless_asked_for_on_the_command_line():
