@@ -60,8 +60,8 @@ class TrainingExample:
 
 # An orthogonal push is rescaled to the full push's length by at most this factor, so that a push lying almost
 # wholly along the preserved texts' directions does not turn into noise at full strength. On the tiny world
-# 3-48% of a shape's push (square length, mean per step) lies along the other shapes' directions, and the cap
-# bit none of 1600 states sampled for the four shapes.
+# 3-48% of the circle's and the triangle's push (square length, mean per step) lies along the other shapes'
+# directions, and the cap bit none of 1600 states sampled for the four shapes.
 MAX_PUSH_RESCALE = 2.0
 
 
