@@ -78,7 +78,7 @@ class EraseConfig:
         if self.repair_fraction > 0 and not self.preserved:
             raise ValueError("A repair phase trains on the texts to preserve, and there are none. Give --preserve (and a "
                              "preserve weight above 0), or set the repair fraction to 0.")
-        if self.orthogonal_push and not parse_concepts(self.preserve):
+        if self.orthogonal_push and not self.pushed_clear_of:
             raise ValueError("An orthogonal push steers clear of the texts to preserve, and there are none. Give --preserve, "
                              "or turn the orthogonal push off.")
         if self.sample_with not in SAMPLE_WITH_CHOICES:
@@ -100,6 +100,12 @@ class EraseConfig:
         them: classifier-free guidance uses its prediction for every image, so it must not drift."""
         texts = parse_concepts(self.preserve)
         return ["", *texts] if texts and self.preserve_weight > 0 else []
+
+    @property
+    def pushed_clear_of(self) -> list[str]:
+        """The texts whose directions an orthogonal push steers clear of: the texts to preserve, whatever their
+        weight (none without an orthogonal push)."""
+        return parse_concepts(self.preserve) if self.orthogonal_push else []
 
     @property
     def repair_iterations(self) -> int:

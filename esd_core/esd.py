@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import EraseConfig, parse_concepts
+from .config import EraseConfig
 from .erasure_file import ErasureDelta, erasure_metadata, fingerprint
 from .host import ErasureHost
 from .methods import select_parameters
@@ -93,7 +93,7 @@ class TrainingRun:
 
     def __init__(self, host: ErasureHost, delta: TrainableDelta, config: EraseConfig, generator: torch.Generator):
         self.host, self.delta, self.config, self.generator = host, delta, config, generator
-        self.kept = parse_concepts(config.preserve) if config.orthogonal_push else []  # the texts an orthogonal push spares
+        self.kept = config.pushed_clear_of
         texts = ["", *(t for pair in config.pairs for t in pair), *config.preserved, *self.kept]
         self.conds = {text: host.encode(text) for text in texts}
         self.scheduler = ddim_scheduler(host.alphas_cumprod, config.sample_steps)
