@@ -7,9 +7,11 @@ f == c, and ``ef - eta * (ec - e0)`` when erasing c from another text f.
 
 With texts to preserve, a second stream of examples is sampled the same way under those texts (and the
 empty prompt), with the frozen model's own prediction as the target; each update adds its MSE, weighted
-by ``preserve_weight``, so that the erasure spares what it should not touch. With ``orthogonal_push`` the
-erasing target spares them too: the push away from c keeps only its part orthogonal to the preserved texts'
-directions at the same x_t. ``sample_with`` says which model (trained or frozen) samples each stream's x_t.
+by ``preserve_weight``, so that the erasure spares what it should not touch. With ``preserve_guidance``
+g > 1 a preserved text is compared on its guided prediction (with the empty prompt's, as a sampler at
+guidance g combines them), so drift that guidance would magnify counts as much. With ``orthogonal_push``
+the erasing target spares the preserved texts too: the push away from c keeps only its part orthogonal to
+their directions at the same x_t. ``sample_with`` says which model (trained or frozen) samples each stream's x_t.
 The last ``repair_fraction`` of the updates may train on the preservation term alone (a repair phase),
 pulling back what drifted with the erasure.
 
@@ -50,12 +52,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainingExample:
-    """One training example: the latent, its timestep, the text the prediction is conditioned on, and the target."""
+    """One training example: the latent, its timestep, the text the prediction is conditioned on, and the target.
+    With ``guidance`` g > 1 the prediction compared with the target is the guided one, ``guided(e(source), e(""), g)``."""
 
     x_t: torch.Tensor
     timestep: int
     source: str
     target: torch.Tensor
+    guidance: float = 1.0
 
 
 # An orthogonal push is rescaled to the full push's length by at most this factor, so that a push lying almost
@@ -75,6 +79,12 @@ def esd_target(e0: torch.Tensor, ec: torch.Tensor, ef: torch.Tensor | None, eta:
         push = orthogonal_part(push, kept - e0.unsqueeze(1))
     anchor = e0 if ef is None else ef
     return anchor - eta * push
+
+
+def guided(conditional: torch.Tensor, unconditional: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The classifier-free-guided prediction ``u + g (c - u)`` divided by g, so that comparing two of them weighs
+    what a sampler at guidance g would draw, at the scale of the plain predictions (g = 1: c itself)."""
+    return conditional - (1 - 1 / guidance) * unconditional
 
 
 def orthogonal_part(push: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -104,6 +114,15 @@ class TrainingRun:
     def draw_pair(self, pairs: list[Pair]) -> Pair:
         return pairs[self.draw(len(pairs))]
 
+    def guidance_of(self, pair: Pair) -> float:
+        """The guidance a pair's predictions are compared at: ``preserve_guidance`` for a preserved text, 1 (plain)
+        for the empty prompt, which has no guidance, and for the erased pairs."""
+        concept, source = pair
+        return self.config.preserve_guidance if concept is None and source else 1.0
+
+    def example(self, x_t: torch.Tensor, timestep: int, pair: Pair, target: torch.Tensor) -> TrainingExample:
+        return TrainingExample(x_t, timestep, pair[1], target, self.guidance_of(pair))
+
     def permuted(self, n: int, count: int) -> list[int]:
         """``count`` draws from range(n): random permutations, chained, so every value comes up equally often."""
         rounds = -(-count // n)
@@ -120,9 +139,14 @@ class TrainingRun:
     def targets(self, states: list[tuple[torch.Tensor, int]], pair: Pair) -> list[torch.Tensor]:
         """The frozen model's targets for several states of one pair, ``FROZEN_STATES_PER_PASS`` states per
         batched pass: the ESD target for an erased (concept, source) pair (with an orthogonal push, the preserved
-        texts are predicted too), the frozen prediction itself for a preserved (None, text) pair."""
+        texts are predicted too), the frozen prediction itself for a preserved (None, text) pair (guided, with the
+        empty prompt's, at ``preserve_guidance`` > 1)."""
         concept, source = pair
-        texts = [source] if concept is None else ["", concept, *([source] if source != concept else []), *self.kept]
+        guidance = self.guidance_of(pair)
+        if concept is None:
+            texts = [source, ""] if guidance != 1.0 else [source]
+        else:
+            texts = ["", concept, *([source] if source != concept else []), *self.kept]
         rows = len(texts)
         targets = []
         for start in range(0, len(states), FROZEN_STATES_PER_PASS):
@@ -133,7 +157,7 @@ class TrainingRun:
                 eps = self.host.predict_eps(x, timesteps, [self.conds[t] for t in texts] * len(group))
             eps = eps.view(len(group), rows, *eps.shape[1:])
             if concept is None:
-                targets += list(eps[:, 0])
+                targets += list(guided(eps[:, 0], eps[:, 1], guidance) if guidance != 1.0 else eps[:, 0])
             else:
                 ef = eps[:, 2] if source != concept else None
                 kept = eps[:, rows - len(self.kept) :] if self.kept else None
@@ -150,7 +174,7 @@ def reference_examples(run: TrainingRun, pairs: list[Pair], trained: bool) -> It
         states = run.trajectories([source for _, source in batch], max(steps), trained)
         for row, (pair, k) in enumerate(zip(batch, steps)):
             x_t, timestep = states[k][0][row : row + 1], states[k][1]
-            yield TrainingExample(x_t, timestep, pair[1], run.targets([(x_t, timestep)], pair)[0])
+            yield run.example(x_t, timestep, pair, run.targets([(x_t, timestep)], pair)[0])
 
 
 def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair], trained: bool) -> Iterator[TrainingExample]:
@@ -167,7 +191,7 @@ def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair], trained: boo
         for row, (pair, ks) in enumerate(zip(batch, chosen)):
             row_states = {k: (states[k][0][row : row + 1], states[k][1]) for k in sorted(set(ks))}
             targets = dict(zip(row_states, run.targets(list(row_states.values()), pair)))
-            examples += [TrainingExample(*row_states[k], pair[1], targets[k]) for k in ks]
+            examples += [run.example(*row_states[k], pair, targets[k]) for k in ks]
         for i in torch.randperm(len(examples), generator=run.generator).tolist():
             yield examples[i]
 
@@ -177,12 +201,17 @@ EXAMPLE_SOURCES = {"reference": reference_examples, "fast": reused_trajectory_ex
 
 def update(run: TrainingRun, optimizer: torch.optim.Optimizer, examples: list[TrainingExample], weights: list[float], iteration: int) -> float:
     """One optimizer step on the weighted sum of the MSEs between the trained predictions and the examples'
-    targets, all predicted in one batch; returns the loss."""
-    x = torch.cat([example.x_t for example in examples])
-    timesteps = torch.tensor([example.timestep for example in examples])
+    targets, all predicted in one batch (a guided example's empty-prompt prediction too); returns the loss."""
+    guided_rows = [i for i, example in enumerate(examples) if example.guidance != 1.0]
+    rows = examples + [examples[i] for i in guided_rows]
+    x = torch.cat([row.x_t for row in rows])
+    timesteps = torch.tensor([row.timestep for row in rows])
+    conds = [run.conds[example.source] for example in examples] + [run.conds[""]] * len(guided_rows)
     with run.delta.switched(True):  # also through backward, which may recompute checkpointed activations
-        predictions = run.host.predict_eps(x, timesteps, [run.conds[example.source] for example in examples])
-        loss = sum(w * F.mse_loss(p, example.target.float()) for p, example, w in zip(predictions, examples, weights))
+        predictions = list(run.host.predict_eps(x, timesteps, conds))
+        for unconditional, i in enumerate(guided_rows, start=len(examples)):
+            predictions[i] = guided(predictions[i], predictions[unconditional], examples[i].guidance)
+        loss = sum(w * F.mse_loss(p, example.target.float()) for p, example, w in zip(predictions[: len(examples)], examples, weights))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"The loss became {loss.item()} at iteration {iteration + 1}; nothing was saved. "

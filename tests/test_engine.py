@@ -395,3 +395,45 @@ def test_an_orthogonal_push_target_steers_clear_of_the_preserved_texts(tiny_fold
 def test_an_orthogonal_push_without_texts_to_preserve_is_refused():
     with pytest.raises(ValueError, match="orthogonal push steers clear of the texts to preserve, and there are none"):
         quick_config(orthogonal_push=True)
+
+
+def test_a_guided_preservation_compares_what_a_sampler_at_that_guidance_draws(tiny_folders):
+    """With preserve_guidance g a preserved text's loss is the MSE between the trained and the frozen guided
+    predictions u + g (c - u), divided by g^2 (predictions of both models at the same x_t, here with a nonzero
+    delta); the empty prompt, which has no guidance, keeps the plain comparison."""
+    from esd_core.esd import TrainingRun, update
+    from esd_core.methods import select_parameters
+    from esd_core.trainable import TrainableDelta
+
+    host = host_for(tiny_folders["sd1"])
+    generator = torch.Generator().manual_seed(0)
+    delta = TrainableDelta(select_parameters(host.layer_tensors(), "esd-x"), 0, generator)
+    for tensor in delta.parameters():
+        tensor.data.normal_(0, 0.05, generator=generator)
+    with host.attach(delta):
+        run = TrainingRun(host, delta, quick_config(preserve="blue", preserve_guidance=3.0), generator)
+        state = run.trajectories(["blue"], 2, False)[2]
+        examples = [run.example(*state, pair, run.targets([state], pair)[0]) for pair in ((None, "blue"), (None, ""))]
+        unchanged = torch.optim.SGD(delta.parameters(), lr=0.0)
+        losses = [update(run, unchanged, [example], [1.0], 0) for example in examples]
+
+        def eps(text, trained):
+            with delta.switched(trained), torch.no_grad():
+                return host.predict_eps(state[0], torch.tensor([state[1]]), [host.encode(text)])
+
+        def guided(trained):
+            return eps("", trained) + 3.0 * (eps("blue", trained) - eps("", trained))
+
+        expected = torch.mean((guided(True) - guided(False)) ** 2).item() / 9.0
+        plain = torch.mean((eps("blue", True) - eps("blue", False)) ** 2).item()
+        empty = torch.mean((eps("", True) - eps("", False)) ** 2).item()
+    assert [example.guidance for example in examples] == [3.0, 1.0]
+    assert losses[0] == pytest.approx(expected, rel=1e-4)
+    assert losses[0] != pytest.approx(plain, rel=1e-2)
+    assert losses[1] == pytest.approx(empty, rel=1e-4)
+
+
+@pytest.mark.parametrize("guidance", [0.5, float("nan")])
+def test_a_preserve_guidance_below_1_is_refused(guidance):
+    with pytest.raises(ValueError, match="preserve_guidance must be a finite number >= 1"):
+        quick_config(preserve="blue", preserve_guidance=guidance)
