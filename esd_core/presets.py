@@ -5,8 +5,7 @@ paper's lr 1e-5 for 1000 iterations barely moves them (DESIGN.md section 4), and
 term an erased shape takes its neighbours with it. So it gets its own settings, the same for every
 concept of a method: a higher rate, eight examples per update, the world's concepts that an erasure puts at
 risk as texts to preserve, and for the methods that train the whole UNet low-rank deltas (esd-u also a
-stronger negative guidance, balanced by "mixed" sampling and a heavier preservation term that compares the
-preserved texts at the sampling guidance).
+stronger negative guidance, balanced by "mixed" sampling and a heavier preservation term).
 """
 
 import os
