@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .config import BENCH_CASES, BENCH_RANKS, MODES, SAMPLE_WITH_CHOICES, EraseConfig
 from .erasure_file import SAVE_DTYPES, ErasureDelta, summary, write_atomically
 from .methods import TRAIN_METHODS, method_choices, resolve_method
-from .presets import PAPER, TINY_WORLD, TINY_WORLD_BY_METHOD, defaults_for, tiny_world_method
+from .presets import PAPER, TINY_WORLD, TINY_WORLD_BY_METHOD, default_method, defaults_for, tiny_world_method
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESET_FIELDS = tuple(PAPER)
@@ -51,7 +51,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     """Everything that shapes the training, shared by ``erase`` and ``demo``."""
-    parser.add_argument("--method", choices=method_choices(), metavar="METHOD", help="which weights to train (see below); erase: esd-x; demo: esd-u for a shape, esd-x for a colour")
+    parser.add_argument("--method", choices=method_choices(), metavar="METHOD", help="which weights to train (see below); default: esd-x, but on the tiny world esd-u for a shape (erase: when the concept names only shapes)")
     parser.add_argument("--erase-from", default="", help="erase the concept from this text instead of from itself (one, or one per concept)")
     parser.add_argument("--iterations", type=int, help=f"updates (paper: {PAPER['iterations']}; tiny world: {TINY_WORLD['iterations']})")
     parser.add_argument("--lr", type=float, help=f"Adam learning rate (paper: {PAPER['lr']}; tiny world: {TINY_WORLD['lr']})")
@@ -172,7 +172,7 @@ def train_with_progress(args, config: EraseConfig) -> ErasureDelta:
 
 
 def run_erase(args) -> None:
-    config = erase_config(args, args.concept, args.method or "esd-x")
+    config = erase_config(args, args.concept, args.method or default_method(args.model, args.concept))
     _check_output_path(args.out, ".safetensors")
     erasure = train_with_progress(args, config)
     erasure.save(args.out, SAVE_DTYPES[args.save_dtype])

@@ -47,14 +47,30 @@ def tiny_world_method(concept: str) -> str:
     return "esd-u" if kind_of(concept) == "shape" else "esd-x"
 
 
+def named_concepts(concept: str) -> set[str]:
+    """The tiny-world shapes and colours that the erased texts name, by name or synonym."""
+    erased_words = {word for text in parse_concepts(concept) for word in text.split()}
+    return {c for c in SHAPES + COLOURS if c in erased_words or SYNONYMS[c] in erased_words}
+
+
+def names_only_shapes(concept: str) -> bool:
+    named = named_concepts(concept)
+    return bool(named) and named <= set(SHAPES)
+
+
+def default_method(model: str | None, concept: str) -> str:
+    """What ``erase`` trains when no method is given: on the tiny world the one the issue's targets name
+    (esd-u when the erased texts name only shapes), elsewhere esd-x, the paper's choice for a style."""
+    return "esd-u" if is_tiny_world(model) and names_only_shapes(concept) else "esd-x"
+
+
 def tiny_world_preserve(concept: str) -> str:
     """The tiny-world concepts an erasure puts at risk and the erased texts do not name (by name or synonym):
     the other shapes when only shapes are erased (no shape erasure moved a colour by more than one image in
     24 runs, and preserving the colours too halved each shape's share of the preserved examples), else every
     other shape and colour."""
-    erased_words = {word for text in parse_concepts(concept) for word in text.split()}
-    named = {c for c in SHAPES + COLOURS if c in erased_words or SYNONYMS[c] in erased_words}
-    at_risk = SHAPES if named and named <= set(SHAPES) else SHAPES + COLOURS
+    named = named_concepts(concept)
+    at_risk = SHAPES if names_only_shapes(concept) else SHAPES + COLOURS
     return ", ".join(c for c in at_risk if c not in named)
 
 

@@ -167,6 +167,27 @@ def test_tiny_world_preserves_the_concepts_at_risk_that_the_erased_texts_do_not_
     assert defaults_for("/some/other/model", "esd-x", "circle")["preserve"] == ""  # elsewhere: the paper's, none
 
 
+def test_erase_without_a_method_trains_the_one_the_issue_names_for_the_tiny_world(monkeypatch):
+    import esd_core.cli as cli
+    from esd_core.presets import default_method
+
+    assert default_method(None, "circle") == "esd-u" and default_method(None, "disc, star") == "esd-u"
+    assert default_method(None, "red") == "esd-x" and default_method(None, "a red circle") == "esd-x"  # names a colour
+    assert default_method(None, "a cat") == "esd-x"  # names nothing of the world
+    assert default_method("/some/other/model", "circle") == "esd-x"  # elsewhere: the paper's esd-x
+
+    class Trained(Exception):
+        pass
+
+    def capture(args, config):
+        raise Trained(config.method)
+
+    monkeypatch.setattr(cli, "train_with_progress", capture)
+    for flags, method in (([], "esd-u"), (["--method", "esd-x"], "esd-x")):  # an explicit method wins
+        with pytest.raises(Trained, match=f"^{method}$"):
+            cli.run_erase(erase_arguments(*flags))
+
+
 def erase_arguments(*extra):
     """Parsed ``esd-erase erase`` arguments for the circle, plus ``extra`` flags."""
     from esd_core.cli import build_parser
