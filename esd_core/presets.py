@@ -54,6 +54,7 @@ def named_concepts(concept: str) -> set[str]:
 
 
 def names_only_shapes(concept: str) -> bool:
+    """Whether the erased texts name some tiny-world concept, and only shapes."""
     named = named_concepts(concept)
     return bool(named) and named <= set(SHAPES)
 
