@@ -53,16 +53,15 @@ def named_concepts(concept: str) -> set[str]:
     return {c for c in SHAPES + COLOURS if c in erased_words or SYNONYMS[c] in erased_words}
 
 
-def names_only_shapes(concept: str) -> bool:
-    """Whether the erased texts name some tiny-world concept, and only shapes."""
-    named = named_concepts(concept)
+def only_shapes(named: set[str]) -> bool:
+    """Whether the named tiny-world concepts (``named_concepts``) are some, and all shapes."""
     return bool(named) and named <= set(SHAPES)
 
 
 def default_method(model: str | None, concept: str) -> str:
     """What ``erase`` trains when no method is given: on the tiny world the one the issue's targets name
     (esd-u when the erased texts name only shapes), elsewhere esd-x, the paper's choice for a style."""
-    return "esd-u" if is_tiny_world(model) and names_only_shapes(concept) else "esd-x"
+    return "esd-u" if is_tiny_world(model) and only_shapes(named_concepts(concept)) else "esd-x"
 
 
 def tiny_world_preserve(concept: str) -> str:
@@ -71,7 +70,7 @@ def tiny_world_preserve(concept: str) -> str:
     24 runs, and preserving the colours too halved each shape's share of the preserved examples), else every
     other shape and colour."""
     named = named_concepts(concept)
-    at_risk = SHAPES if names_only_shapes(concept) else SHAPES + COLOURS
+    at_risk = SHAPES if only_shapes(named) else SHAPES + COLOURS
     return ", ".join(c for c in at_risk if c not in named)
 
 
