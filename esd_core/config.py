@@ -41,6 +41,7 @@ class EraseConfig:
     preserve: str = ""  # comma-separated texts whose predictions the erasure must leave as they were
     preserve_weight: float = 1.0
     preserve_guidance: float = 1.0  # > 1: compare a preserved text's guided predictions, e('') + g (e(text) - e('')), scaled by 1/g
+    hold_unconditional: float = 0.0  # > 0: at each erased example's x_t, hold the empty prompt's prediction (this weight)
     repair_fraction: float = 0.0  # the last updates' share that trains on the preservation term alone
     orthogonal_push: bool = False  # push away from the concept only orthogonally to the preserved texts' directions
     seed: int = 0
@@ -76,6 +77,8 @@ class EraseConfig:
         if not (math.isfinite(self.preserve_guidance) and self.preserve_guidance >= 1):
             raise ValueError(f"preserve_guidance must be a finite number >= 1, got {self.preserve_guidance}. Try 1 (plain "
                              "predictions) or the guidance you sample at, e.g. 3.")
+        if not (math.isfinite(self.hold_unconditional) and self.hold_unconditional >= 0):
+            raise ValueError(f"hold_unconditional must be a finite number >= 0, got {self.hold_unconditional}. Try 0 (off) or 1.")
         if not (math.isfinite(self.repair_fraction) and 0 <= self.repair_fraction < 1 and self.repair_iterations < self.iterations):
             raise ValueError(f"repair_fraction must be at least 0 and leave at least one erasing update, got {self.repair_fraction} "
                              f"of {self.iterations} iterations. Try 0 (off) or 0.33.")

@@ -9,7 +9,10 @@ With texts to preserve, a second stream of examples is sampled the same way unde
 empty prompt), with the frozen model's own prediction as the target; each update adds its MSE, weighted
 by ``preserve_weight``, so that the erasure spares what it should not touch. With ``preserve_guidance``
 g > 1 a preserved text is compared on its guided prediction (with the empty prompt's, as a sampler at
-guidance g combines them), so drift that guidance would magnify counts as much. With ``orthogonal_push``
+guidance g combines them), so drift that guidance would magnify counts as much. With ``hold_unconditional``
+w > 0 each erased example also trains the empty prompt's prediction at its x_t to stay the frozen one (weight
+w): otherwise it drifts with the concept's and classifier-free guidance, which takes their difference, undoes
+much of the erasure. With ``orthogonal_push``
 the erasing target spares the preserved texts too: the push away from c keeps only its part orthogonal to
 their directions at the same x_t. ``sample_with`` says which model (trained or frozen) samples each stream's x_t.
 The last ``repair_fraction`` of the updates may train on the preservation term alone (a repair phase),
@@ -53,13 +56,15 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainingExample:
     """One training example: the latent, its timestep, the text the prediction is conditioned on, and the target.
-    With ``guidance`` g > 1 the prediction compared with the target is the guided one, ``guided(e(source), e(""), g)``."""
+    With ``guidance`` g > 1 the prediction compared with the target is the guided one, ``guided(e(source), e(""), g)``.
+    With ``unconditional`` (the frozen empty-prompt prediction at x_t) the trained one is held to it too."""
 
     x_t: torch.Tensor
     timestep: int
     source: str
     target: torch.Tensor
     guidance: float = 1.0
+    unconditional: torch.Tensor | None = None
 
 
 # An orthogonal push is rescaled to the full push's length by at most this factor, so that a push lying almost
@@ -120,8 +125,8 @@ class TrainingRun:
         concept, source = pair
         return self.config.preserve_guidance if concept is None and source else 1.0
 
-    def example(self, x_t: torch.Tensor, timestep: int, pair: Pair, target: torch.Tensor) -> TrainingExample:
-        return TrainingExample(x_t, timestep, pair[1], target, self.guidance_of(pair))
+    def example(self, x_t: torch.Tensor, timestep: int, pair: Pair, target: torch.Tensor, unconditional: torch.Tensor | None) -> TrainingExample:
+        return TrainingExample(x_t, timestep, pair[1], target, self.guidance_of(pair), unconditional)
 
     def permuted(self, n: int, count: int) -> list[int]:
         """``count`` draws from range(n): random permutations, chained, so every value comes up equally often."""
@@ -136,11 +141,12 @@ class TrainingRun:
             return ddim_trajectory(self.host, self.scheduler, steps, conds, self.conds[""], self.config.sample_guidance, self.generator)
 
     @torch.no_grad()
-    def targets(self, states: list[tuple[torch.Tensor, int]], pair: Pair) -> list[torch.Tensor]:
+    def targets(self, states: list[tuple[torch.Tensor, int]], pair: Pair) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The frozen model's targets for several states of one pair, ``FROZEN_STATES_PER_PASS`` states per
         batched pass: the ESD target for an erased (concept, source) pair (with an orthogonal push, the preserved
         texts are predicted too), the frozen prediction itself for a preserved (None, text) pair (guided, with the
-        empty prompt's, at ``preserve_guidance`` > 1)."""
+        empty prompt's, at ``preserve_guidance`` > 1). Each comes with the frozen empty-prompt prediction to hold
+        (an erased pair with ``hold_unconditional`` > 0) or None."""
         concept, source = pair
         guidance = self.guidance_of(pair)
         if concept is None:
@@ -157,11 +163,12 @@ class TrainingRun:
                 eps = self.host.predict_eps(x, timesteps, [self.conds[t] for t in texts] * len(group))
             eps = eps.view(len(group), rows, *eps.shape[1:])
             if concept is None:
-                targets += list(guided(eps[:, 0], eps[:, 1], guidance) if guidance != 1.0 else eps[:, 0])
+                targets += [(target, None) for target in (guided(eps[:, 0], eps[:, 1], guidance) if guidance != 1.0 else eps[:, 0])]
             else:
                 ef = eps[:, 2] if source != concept else None
                 kept = eps[:, rows - len(self.kept) :] if self.kept else None
-                targets += list(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta, kept))
+                held = eps[:, 0] if self.config.hold_unconditional > 0 else [None] * len(group)
+                targets += zip(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta, kept), held)
         return targets
 
 
@@ -174,7 +181,7 @@ def reference_examples(run: TrainingRun, pairs: list[Pair], trained: bool) -> It
         states = run.trajectories([source for _, source in batch], max(steps), trained)
         for row, (pair, k) in enumerate(zip(batch, steps)):
             x_t, timestep = states[k][0][row : row + 1], states[k][1]
-            yield run.example(x_t, timestep, pair, run.targets([(x_t, timestep)], pair)[0])
+            yield run.example(x_t, timestep, pair, *run.targets([(x_t, timestep)], pair)[0])
 
 
 def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair], trained: bool) -> Iterator[TrainingExample]:
@@ -191,7 +198,7 @@ def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair], trained: boo
         for row, (pair, ks) in enumerate(zip(batch, chosen)):
             row_states = {k: (states[k][0][row : row + 1], states[k][1]) for k in sorted(set(ks))}
             targets = dict(zip(row_states, run.targets(list(row_states.values()), pair)))
-            examples += [run.example(*row_states[k], pair, targets[k]) for k in ks]
+            examples += [run.example(*row_states[k], pair, *targets[k]) for k in ks]
         for i in torch.randperm(len(examples), generator=run.generator).tolist():
             yield examples[i]
 
@@ -201,17 +208,21 @@ EXAMPLE_SOURCES = {"reference": reference_examples, "fast": reused_trajectory_ex
 
 def update(run: TrainingRun, optimizer: torch.optim.Optimizer, examples: list[TrainingExample], weights: list[float], iteration: int) -> float:
     """One optimizer step on the weighted sum of the MSEs between the trained predictions and the examples'
-    targets, all predicted in one batch (a guided example's empty-prompt prediction too); returns the loss."""
-    guided_rows = [i for i, example in enumerate(examples) if example.guidance != 1.0]
-    rows = examples + [examples[i] for i in guided_rows]
+    targets, all predicted in one batch (the empty prompt's too, at a guided or a held example's x_t); returns the loss."""
+    empty_rows = [i for i, example in enumerate(examples) if example.guidance != 1.0 or example.unconditional is not None]
+    rows = examples + [examples[i] for i in empty_rows]
     x = torch.cat([row.x_t for row in rows])
     timesteps = torch.tensor([row.timestep for row in rows])
-    conds = [run.conds[example.source] for example in examples] + [run.conds[""]] * len(guided_rows)
+    conds = [run.conds[example.source] for example in examples] + [run.conds[""]] * len(empty_rows)
     with run.delta.switched(True):  # also through backward, which may recompute checkpointed activations
         predictions = list(run.host.predict_eps(x, timesteps, conds))
-        for unconditional, i in enumerate(guided_rows, start=len(examples)):
-            predictions[i] = guided(predictions[i], predictions[unconditional], examples[i].guidance)
-        loss = sum(w * F.mse_loss(p, example.target.float()) for p, example, w in zip(predictions[: len(examples)], examples, weights))
+        empty = dict(zip(empty_rows, predictions[len(examples) :]))
+        loss = 0.0
+        for i, (example, w) in enumerate(zip(examples, weights)):
+            prediction = guided(predictions[i], empty[i], example.guidance) if example.guidance != 1.0 else predictions[i]
+            loss = loss + w * F.mse_loss(prediction, example.target.float())
+            if example.unconditional is not None:
+                loss = loss + w * run.config.hold_unconditional * F.mse_loss(empty[i], example.unconditional.float())
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"The loss became {loss.item()} at iteration {iteration + 1}; nothing was saved. "

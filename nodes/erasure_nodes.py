@@ -177,6 +177,12 @@ class EraseConcept(io.ComfyNode):
                     "combines it with the empty prompt's, so that drift guidance would magnify counts as much. 1: the "
                     "plain predictions.",
                 ),
+                io.Float.Input(
+                    "hold_unconditional", default=0.0, optional=True, min=0.0, max=100.0, step=0.5,
+                    tooltip="At each erased example, also train the empty prompt's prediction to stay as it was, with "
+                    "this weight: otherwise it drifts with the concept's, and classifier-free guidance undoes much of the "
+                    "erasure. 0: off (the paper).",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="A copy of the input model with the erasure applied."),
@@ -189,14 +195,14 @@ class EraseConcept(io.ComfyNode):
     def execute(cls, model, clip, concept, method, iterations, learning_rate, negative_guidance, sample_steps,
                 sample_guidance, seed, erase_from="", sample_with="trained", mode="fast", reuse=0, rank=0,
                 resolution=0, preserve="", preserve_weight=1.0, trajectories=8, batch_size=1, repair_fraction=0.0,
-                orthogonal_push=False, preserve_guidance=1.0) -> io.NodeOutput:
+                orthogonal_push=False, preserve_guidance=1.0, hold_unconditional=0.0) -> io.NodeOutput:
         # the defaults serve callers (and saved workflows) from before an input existed
         config = EraseConfig(
             concept=concept, erase_from=erase_from or "", method=method, iterations=int(iterations), lr=float(learning_rate),
             eta=float(negative_guidance), sample_steps=int(sample_steps), sample_guidance=float(sample_guidance),
             sample_with=sample_with or "trained", seed=int(seed), mode=mode or "fast", reuse=int(reuse or 0),
             rank=int(rank or 0), preserve=preserve or "", preserve_weight=float(preserve_weight),
-            preserve_guidance=float(preserve_guidance or 1.0),
+            preserve_guidance=float(preserve_guidance or 1.0), hold_unconditional=float(hold_unconditional or 0.0),
             repair_fraction=float(repair_fraction or 0.0), orthogonal_push=bool(orthogonal_push),
             trajectories=int(trajectories or 8), batch_size=int(batch_size or 1),
         )

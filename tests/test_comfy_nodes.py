@@ -148,19 +148,20 @@ def test_bad_training_inputs_give_clear_errors(env, loaded):
 
 
 def test_preservation_and_batches_train_inside_comfyui(env, loaded):
-    """The node's preserve / batch_size / trajectories / repair_fraction / orthogonal_push / preserve_guidance inputs
-    reach the loop, and the file records them."""
+    """The node's preserve / batch_size / trajectories / repair_fraction / orthogonal_push / preserve_guidance /
+    hold_unconditional inputs reach the loop, and the file records them."""
     model, clip = loaded
     with torch.inference_mode():
         _, erasure, curve = env["node"]["ESDEraseConcept"].execute(
             model=model, clip=clip, concept="cat", method="esd-x", iterations=2, learning_rate=1e-3,
             negative_guidance=1.0, sample_steps=4, sample_guidance=3.0, seed=1, resolution=64,
             preserve="dog, a bird", preserve_weight=2.0, trajectories=2, batch_size=2, repair_fraction=0.5,
-            orthogonal_push=True, preserve_guidance=2.5,
+            orthogonal_push=True, preserve_guidance=2.5, hold_unconditional=1.5,
         ).args
     settings = erasure.metadata
     assert (settings["preserve"], settings["preserve_weight"], settings["batch_size"]) == ("dog, a bird", "2.0", "2")
     assert (settings["repair_fraction"], settings["orthogonal_push"], settings["preserve_guidance"]) == ("0.5", "True", "2.5")
+    assert settings["hold_unconditional"] == "1.5"
     assert any(tensor.abs().max() > 0 for tensor in erasure.deltas.values())
 
 

@@ -205,8 +205,8 @@ def test_batched_frozen_targets_equal_one_at_a_time(tiny_folders):
     host = host_for(tiny_folders["sd1"])
     run = TrainingRun(host, TrainableDelta({}), quick_config(erase_from="blue", sample_steps=6), torch.Generator().manual_seed(0))
     states = run.trajectories(["blue"], 5, False)
-    batched = run.targets(states, ("red", "blue"))
-    single = [run.targets([state], ("red", "blue"))[0] for state in states]
+    batched = [target for target, _ in run.targets(states, ("red", "blue"))]
+    single = [run.targets([state], ("red", "blue"))[0][0] for state in states]
     assert all(torch.allclose(b, s, atol=1e-5) for b, s in zip(batched, single))
 
 
@@ -413,7 +413,7 @@ def test_a_guided_preservation_compares_what_a_sampler_at_that_guidance_draws(ti
     with host.attach(delta):
         run = TrainingRun(host, delta, quick_config(preserve="blue", preserve_guidance=3.0), generator)
         state = run.trajectories(["blue"], 2, False)[2]
-        examples = [run.example(*state, pair, run.targets([state], pair)[0]) for pair in ((None, "blue"), (None, ""))]
+        examples = [run.example(*state, pair, *run.targets([state], pair)[0]) for pair in ((None, "blue"), (None, ""))]
         unchanged = torch.optim.SGD(delta.parameters(), lr=0.0)
         losses = [update(run, unchanged, [example], [1.0], 0) for example in examples]
 
@@ -431,6 +431,44 @@ def test_a_guided_preservation_compares_what_a_sampler_at_that_guidance_draws(ti
     assert losses[0] == pytest.approx(expected, rel=1e-4)
     assert losses[0] != pytest.approx(plain, rel=1e-2)
     assert losses[1] == pytest.approx(empty, rel=1e-4)
+
+
+def test_holding_the_unconditional_adds_the_empty_prompts_drift_at_the_erased_examples_x_t(tiny_folders):
+    """With hold_unconditional w an erased example's loss is its ESD term plus w times the MSE between the trained
+    and the frozen empty-prompt predictions at its x_t (here with a nonzero delta); a preserved example gets no such term."""
+    from esd_core.esd import TrainingRun, esd_target, update
+    from esd_core.methods import select_parameters
+    from esd_core.trainable import TrainableDelta
+
+    host = host_for(tiny_folders["sd1"])
+    generator = torch.Generator().manual_seed(0)
+    delta = TrainableDelta(select_parameters(host.layer_tensors(), "esd-u"), 0, generator)
+    for tensor in delta.parameters():
+        tensor.data.normal_(0, 0.02, generator=generator)
+    with host.attach(delta):
+        run = TrainingRun(host, delta, quick_config(method="esd-u", eta=2.0, preserve="blue", hold_unconditional=0.5), generator)
+        state = run.trajectories(["red"], 2, False)[2]
+        examples = [run.example(*state, pair, *run.targets([state], pair)[0]) for pair in (("red", "red"), (None, "blue"))]
+        unchanged = torch.optim.SGD(delta.parameters(), lr=0.0)
+        losses = [update(run, unchanged, [example], [1.0], 0) for example in examples]
+
+        def eps(text, trained):
+            with delta.switched(trained), torch.no_grad():
+                return host.predict_eps(state[0], torch.tensor([state[1]]), [host.encode(text)])
+
+        target = esd_target(eps("", False), eps("red", False), None, 2.0)
+        erasing = torch.mean((eps("red", True) - target) ** 2).item()
+        drift = torch.mean((eps("", True) - eps("", False)) ** 2).item()
+        kept = torch.mean((eps("blue", True) - eps("blue", False)) ** 2).item()
+    assert examples[1].unconditional is None and drift > 1e-4 * erasing
+    assert losses[0] == pytest.approx(erasing + 0.5 * drift, rel=1e-4)
+    assert losses[1] == pytest.approx(kept, rel=1e-4)
+
+
+@pytest.mark.parametrize("hold", [-1.0, float("inf")])
+def test_a_negative_or_infinite_unconditional_hold_is_refused(hold):
+    with pytest.raises(ValueError, match="hold_unconditional must be a finite number >= 0"):
+        quick_config(hold_unconditional=hold)
 
 
 @pytest.mark.parametrize("guidance", [0.5, float("nan")])

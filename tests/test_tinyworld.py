@@ -212,7 +212,7 @@ def test_every_preset_setting_comes_from_the_model_preset_unless_given_on_the_co
 
     presets = (([], defaults_for(None, "esd-u", "circle")), (["--model", "/some/other/model"], PAPER))
     given = dict(iterations=7, lr=0.5, eta=3.5, sample_steps=9, sample_guidance=2.5, batch_size=3, preserve="dog",
-                 preserve_weight=0.5, preserve_guidance=2.0, rank=4)
+                 preserve_weight=0.5, preserve_guidance=2.0, hold_unconditional=0.75, rank=4)
     given["sample_with"] = next(c for c in SAMPLE_WITH_CHOICES if all(c != preset["sample_with"] for _, preset in presets))
     flags = [word for field, value in given.items() for word in (f"--{field.replace('_', '-')}", str(value))]
     for model_flags, preset in presets:

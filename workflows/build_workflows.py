@@ -124,7 +124,7 @@ def erase_and_compare():
     ckpt = g.node("CheckpointLoaderSimple", (20, 120), [CHECKPOINT])
     erase = g.node("ESDEraseConcept", (420, 20), [
         "Van Gogh", "", "esd-x", 1000, 1e-5, 1.0, 50, 3.0, "trained", "fast", 0, 0, 0, "fixed", 0, "", 1.0, 8, 1,
-        0.0, False, 1.0,
+        0.0, False, 1.0, 0.0,
     ])
     g.link(ckpt, "MODEL", erase, "model")
     g.link(ckpt, "CLIP", erase, "clip")
