@@ -397,29 +397,48 @@ def test_an_orthogonal_push_without_texts_to_preserve_is_refused():
         quick_config(orthogonal_push=True)
 
 
+def random_delta(host, method: str, std: float):
+    """A delta of the method's weights drawn from N(0, std), so that the trained and the frozen predictions differ."""
+    from esd_core.methods import select_parameters
+    from esd_core.trainable import TrainableDelta
+
+    generator = torch.Generator().manual_seed(0)
+    delta = TrainableDelta(select_parameters(host.layer_tensors(), method), 0, generator)
+    for tensor in delta.parameters():
+        tensor.data.normal_(0, std, generator=generator)
+    return delta, generator
+
+
+def losses_one_example_at_a_time(run, state, pairs):
+    """One example of each pair at ``state`` and the loss ``update`` computes for it alone (at learning rate 0)."""
+    from esd_core.esd import update
+
+    examples = [run.example(*state, pair, *run.targets([state], pair)[0]) for pair in pairs]
+    unchanged = torch.optim.SGD(run.delta.parameters(), lr=0.0)
+    return examples, [update(run, unchanged, [example], [1.0], 0) for example in examples]
+
+
+def prediction(host, delta, state, text, trained: bool):
+    """The trained or the frozen model's epsilon for ``text`` at ``state``."""
+    with delta.switched(trained), torch.no_grad():
+        return host.predict_eps(state[0], torch.tensor([state[1]]), [host.encode(text)])
+
+
 def test_a_guided_preservation_compares_what_a_sampler_at_that_guidance_draws(tiny_folders):
     """With preserve_guidance g a preserved text's loss is the MSE between the trained and the frozen guided
     predictions u + g (c - u), divided by g^2 (predictions of both models at the same x_t, here with a nonzero
     delta); the empty prompt, which has no guidance, keeps the plain comparison."""
-    from esd_core.esd import TrainingRun, update
-    from esd_core.methods import select_parameters
-    from esd_core.trainable import TrainableDelta
+    from esd_core.esd import TrainingRun
 
     host = host_for(tiny_folders["sd1"])
-    generator = torch.Generator().manual_seed(0)
-    delta = TrainableDelta(select_parameters(host.layer_tensors(), "esd-x"), 0, generator)
-    for tensor in delta.parameters():
-        tensor.data.normal_(0, 0.05, generator=generator)
+    delta, generator = random_delta(host, "esd-x", 0.05)
     with host.attach(delta):
         run = TrainingRun(host, delta, quick_config(preserve="blue", preserve_guidance=3.0), generator)
         state = run.trajectories(["blue"], 2, False)[2]
-        examples = [run.example(*state, pair, *run.targets([state], pair)[0]) for pair in ((None, "blue"), (None, ""))]
-        unchanged = torch.optim.SGD(delta.parameters(), lr=0.0)
-        losses = [update(run, unchanged, [example], [1.0], 0) for example in examples]
+        examples, losses = losses_one_example_at_a_time(run, state, [(None, "blue"), (None, "")])
 
         def eps(text, trained):
-            with delta.switched(trained), torch.no_grad():
-                return host.predict_eps(state[0], torch.tensor([state[1]]), [host.encode(text)])
+            return prediction(host, delta, state, text, trained)
 
         def guided(trained):
             return eps("", trained) + 3.0 * (eps("blue", trained) - eps("", trained))
@@ -436,25 +455,17 @@ def test_a_guided_preservation_compares_what_a_sampler_at_that_guidance_draws(ti
 def test_holding_the_unconditional_adds_the_empty_prompts_drift_at_the_erased_examples_x_t(tiny_folders):
     """With hold_unconditional w an erased example's loss is its ESD term plus w times the MSE between the trained
     and the frozen empty-prompt predictions at its x_t (here with a nonzero delta); a preserved example gets no such term."""
-    from esd_core.esd import TrainingRun, esd_target, update
-    from esd_core.methods import select_parameters
-    from esd_core.trainable import TrainableDelta
+    from esd_core.esd import TrainingRun, esd_target
 
     host = host_for(tiny_folders["sd1"])
-    generator = torch.Generator().manual_seed(0)
-    delta = TrainableDelta(select_parameters(host.layer_tensors(), "esd-u"), 0, generator)
-    for tensor in delta.parameters():
-        tensor.data.normal_(0, 0.02, generator=generator)
+    delta, generator = random_delta(host, "esd-u", 0.02)
     with host.attach(delta):
         run = TrainingRun(host, delta, quick_config(method="esd-u", eta=2.0, preserve="blue", hold_unconditional=0.5), generator)
         state = run.trajectories(["red"], 2, False)[2]
-        examples = [run.example(*state, pair, *run.targets([state], pair)[0]) for pair in (("red", "red"), (None, "blue"))]
-        unchanged = torch.optim.SGD(delta.parameters(), lr=0.0)
-        losses = [update(run, unchanged, [example], [1.0], 0) for example in examples]
+        examples, losses = losses_one_example_at_a_time(run, state, [("red", "red"), (None, "blue")])
 
         def eps(text, trained):
-            with delta.switched(trained), torch.no_grad():
-                return host.predict_eps(state[0], torch.tensor([state[1]]), [host.encode(text)])
+            return prediction(host, delta, state, text, trained)
 
         target = esd_target(eps("", False), eps("red", False), None, 2.0)
         erasing = torch.mean((eps("red", True) - target) ** 2).item()
