@@ -167,7 +167,8 @@ class TrainingRun:
             else:
                 ef = eps[:, 2] if source != concept else None
                 kept = eps[:, rows - len(self.kept) :] if self.kept else None
-                held = eps[:, 0] if self.config.hold_unconditional > 0 else [None] * len(group)
+                # a copy, so that the examples keep only e('') alive, not every row of this pass
+                held = eps[:, 0].clone() if self.config.hold_unconditional > 0 else [None] * len(group)
                 targets += zip(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta, kept), held)
         return targets
 
