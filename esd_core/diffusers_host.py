@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from torch.nn.utils import parametrize
 
 from .apply import unet_family
 from .host import ErasureHost
@@ -15,6 +16,10 @@ from .methods import layer_tensors
 from .trainable import TrainableDelta
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+# The most bytes of selected weights whose deltas are added to the weights (``DiffusersHost.adds_to_weights``): the
+# tiny world's (under 10 MB) are, a full-size UNet's (SD1.5 esd-x: 176 MB) keep the memory-flat output path.
+WEIGHT_DELTA_MAX_BYTES = 64 * 2**20
 
 
 class DiffusersHost(ErasureHost):
@@ -56,19 +61,19 @@ class DiffusersHost(ErasureHost):
 
     @contextmanager
     def attach(self, delta: TrainableDelta):
-        """Forward hooks add each changed layer's delta contribution to its output while the delta is on."""
-        modules = dict(self.unet.named_modules())
-        handles = []
-        try:
-            for prefix in sorted({name.rsplit(".", 1)[0] for name in delta.names}):
-                module = modules[prefix]
-                if getattr(module, "groups", 1) != 1 and any(n.startswith(prefix + ".") for n in delta.factors):
-                    raise ValueError(f"Low-rank deltas do not support the grouped convolution {prefix!r}; use --rank 0.")
-                handles.append(module.register_forward_hook(_output_hook(delta, prefix)))
+        """While the delta is on, each selected layer answers as if its weight were ``weight + delta``: added to the
+        weight on its way into the layer for a small fp32 UNet (``adds_to_weights``), else added to its output."""
+        with (_added_to_weights if self.adds_to_weights(delta) else _added_to_outputs)(self.unet, delta):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
+
+    def adds_to_weights(self, delta: TrainableDelta) -> bool:
+        """Whether the delta goes into the weights: only in fp32 (in bf16 a small delta would round away) and only
+        when the selected weights are small, since each training pass keeps a ``weight + delta`` copy of them for
+        backward. There it is the faster way, since each layer then runs once, not once more (thinly) for its
+        delta (the tiny world's erasures: README, "Speed and memory")."""
+        selected = self.layer_tensors()
+        size = sum(selected[name].numel() * selected[name].element_size() for name in delta.names)
+        return self.dtype == torch.float32 and size <= WEIGHT_DELTA_MAX_BYTES
 
     @torch.no_grad()
     def encode(self, text: str):
@@ -101,11 +106,58 @@ class DiffusersHost(ErasureHost):
         return output
 
 
+@contextmanager
+def _added_to_outputs(unet, delta: TrainableDelta):
+    """Forward hooks add each changed layer's delta contribution to its output while the delta is on: no
+    full-size copy of any weight, and no small delta lost to bf16 rounding."""
+    modules = dict(unet.named_modules())
+    handles = []
+    try:
+        for prefix in sorted({name.rsplit(".", 1)[0] for name in delta.names}):
+            module = modules[prefix]
+            if getattr(module, "groups", 1) != 1 and any(n.startswith(prefix + ".") for n in delta.factors):
+                raise ValueError(f"Low-rank deltas do not support the grouped convolution {prefix!r}; use --rank 0.")
+            handles.append(module.register_forward_hook(_output_hook(delta, prefix)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _output_hook(delta: TrainableDelta, prefix: str):
     def hook(module, inputs, output):
         return output + delta.output_change(module, prefix, inputs[0]) if delta.enabled else output
 
     return hook
+
+
+@contextmanager
+def _added_to_weights(unet, delta: TrainableDelta):
+    """torch's parametrizations make each selected tensor read as ``delta.added_to`` it, every time a layer
+    reads it (so also when gradient checkpointing recomputes a block in backward); removed afterwards, which
+    leaves the original tensors in place."""
+    modules = dict(unet.named_modules())
+    added = []
+    try:
+        for name in delta.names:
+            prefix, tensor_name = name.rsplit(".", 1)
+            parametrize.register_parametrization(modules[prefix], tensor_name, _AddedDelta(delta, name), unsafe=True)
+            added.append((modules[prefix], tensor_name))
+        yield
+    finally:
+        for module, tensor_name in added:
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+
+
+class _AddedDelta(torch.nn.Module):
+    """One tensor's parametrization: the tensor plus its delta while the delta is on, else the tensor itself."""
+
+    def __init__(self, delta: TrainableDelta, name: str):
+        super().__init__()
+        self.delta, self.name = delta, name
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.delta.added_to(self.name, tensor)
 
 
 def _feed_forward_one_row_at_a_time(unet) -> None:

@@ -296,6 +296,40 @@ def test_output_change_equals_adding_the_delta_to_the_weights(rank, layer):
     assert (rank == 0) == ("layer.weight" in delta.full)
 
 
+@pytest.mark.parametrize("rank", [0, 2])
+def test_adding_the_delta_to_the_weights_or_to_the_outputs_predicts_and_trains_alike(tiny_folders, monkeypatch, rank):
+    """A small fp32 UNet gets its deltas added to its weights, any other to its layers' outputs (``adds_to_weights``);
+    the two must give the same predictions and the same gradients."""
+    import esd_core.diffusers_host as diffusers_host
+    from esd_core.methods import select_parameters
+    from esd_core.trainable import TrainableDelta
+
+    host = host_for(tiny_folders["sd1"])
+    generator = torch.Generator().manual_seed(0)
+    delta = TrainableDelta(select_parameters(host.layer_tensors(), "esd-u"), rank, generator)
+    for tensor in delta.parameters():
+        tensor.data.normal_(0, 0.02, generator=generator)
+    x, conds = torch.randn(2, 4, 8, 8, generator=generator), [host.encode("red"), host.encode("")]
+
+    def predictions_and_gradients():
+        with host.attach(delta), delta.switched(True):
+            eps = host.predict_eps(x, 500, conds)
+            eps.square().mean().backward()
+        gradients = [tensor.grad for tensor in delta.parameters()]
+        for tensor in delta.parameters():
+            tensor.grad = None
+        return eps.detach(), gradients
+
+    assert host.adds_to_weights(delta)
+    by_weights, weight_gradients = predictions_and_gradients()
+    monkeypatch.setattr(diffusers_host, "WEIGHT_DELTA_MAX_BYTES", 0)
+    assert not host.adds_to_weights(delta)
+    by_outputs, output_gradients = predictions_and_gradients()
+    assert not torch.allclose(by_weights, host.predict_eps(x, 500, conds), atol=1e-3)  # the delta is felt
+    assert torch.allclose(by_weights, by_outputs, atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(weight_gradients, output_gradients))
+
+
 def test_gradient_checkpointing_trains_the_same_delta(tiny_folders):
     config = quick_config(method="esd-u", rank=2, iterations=3)
     plain = train_erasure(host_for(tiny_folders["sd1"]), config).detached()
