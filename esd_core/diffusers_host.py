@@ -97,7 +97,8 @@ class DiffusersHost(ErasureHost):
                 "text_embeds": torch.cat([pooled for _, pooled in conds]).to(self.dtype),
                 "time_ids": time_ids.expand(batch, -1),
             }
-        output = self.unet(sample, timesteps, encoder_hidden_states=hidden, **extra).sample.float()
+        with parametrize.cached():  # a weight the delta is added to is computed once per pass, not at every read
+            output = self.unet(sample, timesteps, encoder_hidden_states=hidden, **extra).sample.float()
         if self.prediction_type == "v_prediction":
             alpha = self._alphas_cumprod[timesteps].view(-1, 1, 1, 1)
             return alpha.sqrt() * output + (1 - alpha).sqrt() * x_t.to(self.device).float()
