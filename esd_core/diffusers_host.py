@@ -134,9 +134,9 @@ def _output_hook(delta: TrainableDelta, prefix: str):
 
 @contextmanager
 def _added_to_weights(unet, delta: TrainableDelta):
-    """torch's parametrizations make each selected tensor read as ``delta.added_to`` it, every time a layer
-    reads it (so also when gradient checkpointing recomputes a block in backward); removed afterwards, which
-    leaves the original tensors in place."""
+    """torch's parametrizations make each selected tensor read as ``delta.added_to`` it (computed once per UNet
+    pass under ``predict_eps``'s cache, and again when gradient checkpointing recomputes a block in backward);
+    removed afterwards, which leaves the original tensors in place."""
     modules = dict(unet.named_modules())
     added = []
     try:
