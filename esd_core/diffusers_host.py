@@ -1,6 +1,7 @@
 """The diffusers host: runs the ESD loop on a diffusers Stable Diffusion pipeline (SD1.x, SD2.x, SDXL)."""
 
 import json
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -71,8 +72,7 @@ class DiffusersHost(ErasureHost):
         when the selected weights are small, since each training pass keeps a ``weight + delta`` copy of them for
         backward. There it is the faster way, since each layer then runs once, not once more (thinly) for its
         delta (the tiny world's erasures: README, "Speed and memory")."""
-        selected = self.layer_tensors()
-        size = sum(selected[name].numel() * selected[name].element_size() for name in delta.names)
+        size = sum(math.prod(shape) for shape in delta.shapes.values()) * self.dtype.itemsize
         return self.dtype == torch.float32 and size <= WEIGHT_DELTA_MAX_BYTES
 
     @torch.no_grad()
