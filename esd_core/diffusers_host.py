@@ -22,6 +22,11 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # tiny world's (under 10 MB) are, a full-size UNet's (SD1.5 esd-x: 176 MB) keep the memory-flat output path.
 WEIGHT_DELTA_MAX_BYTES = 64 * 2**20
 
+# On the CPU, a UNet whose weights take at most this many bytes (the tiny world's: 9 MiB) runs its feed-forwards
+# whole, since its activations are small; a larger one (SD1.5: 3.3 GiB in fp32) runs them one row at a time
+# (``_feed_forward_one_row_at_a_time``).
+WHOLE_FEED_FORWARD_MAX_BYTES = 64 * 2**20
+
 
 class DiffusersHost(ErasureHost):
     """One diffusers pipeline's UNet and text encoders; the VAE is not needed for erasing."""
@@ -32,7 +37,7 @@ class DiffusersHost(ErasureHost):
         self.unet = pipeline.unet.to(self.device).requires_grad_(False)
         if gradient_checkpointing:  # recompute block activations in backward: less memory, ~30% more time per update
             self.unet.enable_gradient_checkpointing()
-        if gradient_checkpointing or self.device.type == "cpu":
+        if gradient_checkpointing or (self.device.type == "cpu" and _weight_bytes(self.unet) > WHOLE_FEED_FORWARD_MAX_BYTES):
             _feed_forward_one_row_at_a_time(self.unet)
         for encoder in self._text_encoders():
             encoder.to(self.device).requires_grad_(False)
@@ -163,12 +168,17 @@ class _AddedDelta(torch.nn.Module):
 
 def _feed_forward_one_row_at_a_time(unet) -> None:
     """Each feed-forward's 8x-wide hidden layer, otherwise the largest transient of a many-row sampling pass, is
-    computed one row at a time: less memory, the same outputs up to float rounding. It cost about 2% of update
-    time on the CPU (tiny world) but 13% on an H200 (200 esd-x updates of an SD1.5 UNet at 512x512: 39.5 s
-    against 34.8 s), so a GPU uses it only in the memory-saving mode, with gradient checkpointing."""
+    computed one row at a time: less memory, the same outputs up to float rounding. It costs time: 13% on an H200
+    (200 esd-x updates of an SD1.5 UNet at 512x512: 39.5 s against 34.8 s) and 9-14% of the tiny world's erasure on
+    2 CPU threads (README, "Speed and memory"). So a GPU uses it only in the memory-saving mode, with gradient
+    checkpointing, and the CPU only for a UNet larger than ``WHOLE_FEED_FORWARD_MAX_BYTES``."""
     for block in unet.modules():
         if hasattr(block, "set_chunk_feed_forward"):
             block.set_chunk_feed_forward(1, dim=0)
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _alphas_cumprod(scheduler) -> torch.Tensor:

@@ -338,20 +338,31 @@ def test_gradient_checkpointing_trains_the_same_delta(tiny_folders):
     assert any(t.abs().max() > 0 for t in plain.values())
 
 
-def test_a_cpu_host_runs_feed_forwards_row_by_row_with_the_same_predictions(tiny_folders):
+def test_a_cpu_host_runs_a_large_unets_feed_forwards_row_by_row_with_the_same_predictions(tiny_folders, monkeypatch):
+    """On the CPU a small UNet's feed-forwards run whole, a large one's (here: any, with the threshold at 0) one
+    row at a time; the predictions are the same."""
+    import esd_core.diffusers_host as diffusers_host
+
     pipeline = load_pipeline(tiny_folders["sd1"])
     config = pipeline.unet.config
     x_t = torch.randn(3, config.in_channels, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(0))
     whole = unet_eps(pipeline, x_t, 500, "red")
-    host = DiffusersHost(pipeline)
-    rows_seen = []
-    feed_forwards = [module for name, module in host.unet.named_modules() if name.endswith(".ff")]
-    handles = [ff.register_forward_hook(lambda module, inputs, output: rows_seen.append(inputs[0].shape[0])) for ff in feed_forwards]
-    with torch.no_grad():
-        row_by_row = host.predict_eps(x_t, 500, [host.encode("red")] * 3)
-    for handle in handles:
-        handle.remove()
-    assert feed_forwards and rows_seen == [1] * 3 * len(feed_forwards)
+
+    def rows_per_feed_forward(host):
+        rows_seen = []
+        feed_forwards = [module for name, module in host.unet.named_modules() if name.endswith(".ff")]
+        handles = [ff.register_forward_hook(lambda module, inputs, output: rows_seen.append(inputs[0].shape[0])) for ff in feed_forwards]
+        with torch.no_grad():
+            eps = host.predict_eps(x_t, 500, [host.encode("red")] * 3)
+        for handle in handles:
+            handle.remove()
+        assert feed_forwards and len(rows_seen) % len(feed_forwards) == 0
+        return set(rows_seen), eps
+
+    assert rows_per_feed_forward(DiffusersHost(pipeline))[0] == {3}
+    monkeypatch.setattr(diffusers_host, "WHOLE_FEED_FORWARD_MAX_BYTES", 0)
+    rows_seen, row_by_row = rows_per_feed_forward(DiffusersHost(pipeline))
+    assert rows_seen == {1}
     assert torch.allclose(whole, row_by_row, atol=1e-5)
 
 
