@@ -24,10 +24,12 @@ Two modes feed the same update with the same distribution of (x_t, t):
   examples, at step counts drawn uniformly (chained random permutations), served in shuffled order; so
   no state is older than one batch of trajectories, and the frozen predictions for each state are
   computed once, in batches.
+Where the frozen model samples a stream, the e('') and e(source) each state was stepped on with are also the
+frozen predictions its targets need, so they are taken from there rather than predicted again.
 """
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ from .config import EraseConfig
 from .erasure_file import ErasureDelta, erasure_metadata, fingerprint
 from .host import ErasureHost
 from .methods import select_parameters
-from .sampling import ddim_scheduler, ddim_trajectory
+from .sampling import TrajectoryState, ddim_scheduler, ddim_trajectory
 from .trainable import TrainableDelta
 
 # (concept, source): erase concept from source; (None, text): keep the prediction for text as it was.
@@ -51,6 +53,23 @@ FROZEN_STATES_PER_PASS = 8
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; nothing is saved."""
+
+
+@dataclass
+class SampledState:
+    """One trajectory's latent x_t (one row) and its timestep, with the frozen model's predictions there by text:
+    e('') and e(source) when the frozen model sampled the trajectory and stepped on from x_t, else none."""
+
+    x_t: torch.Tensor
+    timestep: int
+    frozen: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of_row(cls, state: TrajectoryState, row: int, source: str) -> "SampledState":
+        if state.predictions is None:
+            return cls(state.latents[row : row + 1], state.timestep)
+        unconditional, conditional = state.predictions[:, row : row + 1]
+        return cls(state.latents[row : row + 1], state.timestep, {"": unconditional, source: conditional})
 
 
 @dataclass
@@ -125,52 +144,58 @@ class TrainingRun:
         concept, source = pair
         return self.config.preserve_guidance if concept is None and source else 1.0
 
-    def example(self, x_t: torch.Tensor, timestep: int, pair: Pair, target: torch.Tensor, unconditional: torch.Tensor | None) -> TrainingExample:
-        return TrainingExample(x_t, timestep, pair[1], target, self.guidance_of(pair), unconditional)
+    def example(self, state: SampledState, pair: Pair, target: torch.Tensor, unconditional: torch.Tensor | None) -> TrainingExample:
+        return TrainingExample(state.x_t, state.timestep, pair[1], target, self.guidance_of(pair), unconditional)
 
     def permuted(self, n: int, count: int) -> list[int]:
         """``count`` draws from range(n): random permutations, chained, so every value comes up equally often."""
         rounds = -(-count // n)
         return torch.cat([torch.randperm(n, generator=self.generator) for _ in range(rounds)])[:count].tolist()
 
-    def trajectories(self, sources: list[str], steps: int, trained: bool) -> list[tuple[torch.Tensor, int]]:
-        """States 0..steps of guided trajectories, one row per source text, sampled together by the trained
-        or the frozen model."""
+    def trajectories(self, sources: list[str], steps: int, trained: bool) -> list[list[SampledState]]:
+        """States 0..steps of guided trajectories, one list per source text, sampled together by the trained
+        or the frozen model (which leaves its predictions at each state to the targets)."""
         with self.delta.switched(trained):
             conds = [self.conds[source] for source in sources]
-            return ddim_trajectory(self.host, self.scheduler, steps, conds, self.conds[""], self.config.sample_guidance, self.generator)
+            states = ddim_trajectory(self.host, self.scheduler, steps, conds, self.conds[""], self.config.sample_guidance,
+                                     self.generator, keep_predictions=not trained)
+        return [[SampledState.of_row(state, row, source) for state in states] for row, source in enumerate(sources)]
 
     @torch.no_grad()
-    def targets(self, states: list[tuple[torch.Tensor, int]], pair: Pair) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The frozen model's targets for several states of one pair, ``FROZEN_STATES_PER_PASS`` states per
-        batched pass: the ESD target for an erased (concept, source) pair (with an orthogonal push, the preserved
-        texts are predicted too), the frozen prediction itself for a preserved (None, text) pair (guided, with the
-        empty prompt's, at ``preserve_guidance`` > 1). Each comes with the frozen empty-prompt prediction to hold
-        (an erased pair with ``hold_unconditional`` > 0) or None."""
+    def frozen_predictions(self, states: list[SampledState], texts: list[str]) -> torch.Tensor:
+        """The frozen model's predictions for every state and text, (states, texts, ...): taken from the state when
+        it holds them all, else predicted ``FROZEN_STATES_PER_PASS`` states per batched pass."""
+        eps = [torch.cat([state.frozen[t] for t in texts]) if all(t in state.frozen for t in texts) else None for state in states]
+        missing = [i for i, known in enumerate(eps) if known is None]
+        for start in range(0, len(missing), FROZEN_STATES_PER_PASS):
+            group = missing[start : start + FROZEN_STATES_PER_PASS]
+            x = torch.cat([states[i].x_t for i in group]).repeat_interleave(len(texts), dim=0)
+            timesteps = torch.tensor([states[i].timestep for i in group]).repeat_interleave(len(texts))
+            with self.delta.switched(False):
+                predicted = self.host.predict_eps(x, timesteps, [self.conds[t] for t in texts] * len(group))
+            for i, rows in zip(group, predicted.view(len(group), len(texts), *predicted.shape[1:])):
+                eps[i] = rows
+        return torch.stack(eps)
+
+    @torch.no_grad()
+    def targets(self, states: list[SampledState], pair: Pair) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The frozen model's targets for several states of one pair: the ESD target for an erased (concept, source)
+        pair (with an orthogonal push, the preserved texts are predicted too), the frozen prediction itself for a
+        preserved (None, text) pair (guided, with the empty prompt's, at ``preserve_guidance`` > 1). Each comes with
+        the frozen empty-prompt prediction to hold (an erased pair with ``hold_unconditional`` > 0) or None."""
         concept, source = pair
         guidance = self.guidance_of(pair)
         if concept is None:
             texts = [source, ""] if guidance != 1.0 else [source]
-        else:
-            texts = ["", concept, *([source] if source != concept else []), *self.kept]
-        rows = len(texts)
-        targets = []
-        for start in range(0, len(states), FROZEN_STATES_PER_PASS):
-            group = states[start : start + FROZEN_STATES_PER_PASS]
-            x = torch.cat([x_t for x_t, _ in group]).repeat_interleave(rows, dim=0)
-            timesteps = torch.tensor([t for _, t in group]).repeat_interleave(rows)
-            with self.delta.switched(False):
-                eps = self.host.predict_eps(x, timesteps, [self.conds[t] for t in texts] * len(group))
-            eps = eps.view(len(group), rows, *eps.shape[1:])
-            if concept is None:
-                targets += [(target, None) for target in (guided(eps[:, 0], eps[:, 1], guidance) if guidance != 1.0 else eps[:, 0])]
-            else:
-                ef = eps[:, 2] if source != concept else None
-                kept = eps[:, rows - len(self.kept) :] if self.kept else None
-                # a copy, so that the examples keep only e('') alive, not every row of this pass
-                held = eps[:, 0].clone() if self.config.hold_unconditional > 0 else [None] * len(group)
-                targets += zip(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta, kept), held)
-        return targets
+            eps = self.frozen_predictions(states, texts)
+            return [(target, None) for target in (guided(eps[:, 0], eps[:, 1], guidance) if guidance != 1.0 else eps[:, 0])]
+        texts = ["", concept, *([source] if source != concept else []), *self.kept]
+        eps = self.frozen_predictions(states, texts)
+        ef = eps[:, 2] if source != concept else None
+        kept = eps[:, len(texts) - len(self.kept) :] if self.kept else None
+        # a copy, so that the examples keep only e('') alive, not every row of these predictions
+        held = eps[:, 0].clone() if self.config.hold_unconditional > 0 else [None] * len(states)
+        return list(zip(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta, kept), held))
 
 
 def reference_examples(run: TrainingRun, pairs: list[Pair], trained: bool) -> Iterator[TrainingExample]:
@@ -180,9 +205,8 @@ def reference_examples(run: TrainingRun, pairs: list[Pair], trained: bool) -> It
         batch = [run.draw_pair(pairs) for _ in range(run.config.batch_size)]
         steps = [run.draw(run.config.sample_steps) for _ in batch]
         states = run.trajectories([source for _, source in batch], max(steps), trained)
-        for row, (pair, k) in enumerate(zip(batch, steps)):
-            x_t, timestep = states[k][0][row : row + 1], states[k][1]
-            yield run.example(x_t, timestep, pair, *run.targets([(x_t, timestep)], pair)[0])
+        for row_states, pair, k in zip(states, batch, steps):
+            yield run.example(row_states[k], pair, *run.targets([row_states[k]], pair)[0])
 
 
 def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair], trained: bool) -> Iterator[TrainingExample]:
@@ -196,10 +220,10 @@ def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair], trained: boo
         chosen = [run.permuted(steps, reuse) for _ in batch]
         states = run.trajectories([source for _, source in batch], max(max(ks) for ks in chosen), trained)
         examples = []
-        for row, (pair, ks) in enumerate(zip(batch, chosen)):
-            row_states = {k: (states[k][0][row : row + 1], states[k][1]) for k in sorted(set(ks))}
-            targets = dict(zip(row_states, run.targets(list(row_states.values()), pair)))
-            examples += [run.example(*row_states[k], pair, *targets[k]) for k in ks]
+        for row_states, pair, ks in zip(states, batch, chosen):
+            used = sorted(set(ks))
+            targets = dict(zip(used, run.targets([row_states[k] for k in used], pair)))
+            examples += [run.example(row_states[k], pair, *targets[k]) for k in ks]
         for i in torch.randperm(len(examples), generator=run.generator).tolist():
             yield examples[i]
 

@@ -1,9 +1,21 @@
 """Producing x_t the way ESD does: a partial DDIM trajectory from noise, with classifier-free guidance."""
 
+from typing import NamedTuple
+
 import torch
 from diffusers import DDIMScheduler
 
 from .host import ErasureHost
+
+
+class TrajectoryState(NamedTuple):
+    """The latents after k DDIM steps (one row per trajectory) and the 1000-step timestep of their noise level;
+    with ``predictions``, the model's e(uncond) and e(cond) there, stacked on dim 0, which the next step was taken
+    with (None after the last step, or when not asked for)."""
+
+    latents: torch.Tensor
+    timestep: int
+    predictions: torch.Tensor | None = None
 
 
 def ddim_scheduler(alphas_cumprod: torch.Tensor, sample_steps: int) -> DDIMScheduler:
@@ -33,9 +45,10 @@ def ddim_trajectory(
     uncond,
     guidance: float,
     generator: torch.Generator,
-) -> list[tuple[torch.Tensor, int]]:
+    keep_predictions: bool = False,
+) -> list[TrajectoryState]:
     """Run ``steps`` guided DDIM steps from Gaussian noise, one trajectory per cond, all in one batch; return
-    every state as (latents, one row per cond; 1000-step timestep).
+    every state, 0..steps, with the predictions each step was taken with if ``keep_predictions``.
 
     What "right" means: the noise starts at ``scheduler.timesteps[0]`` and each DDIM step moves the latent
     from ``timesteps[i]`` to ``timesteps[i + 1]``. So state k (after k steps) carries the noise level of
@@ -45,10 +58,12 @@ def ddim_trajectory(
     rows = len(conds)
     noise = torch.randn((rows, *host.latent_shape), generator=generator, dtype=torch.float32)
     x = noise.to(host.device) * scheduler.init_noise_sigma
-    states = [(x, int(scheduler.timesteps[0]))]
+    states = []
     for step in range(steps):
         timestep = int(scheduler.timesteps[step])
-        eps_uncond, eps_cond = host.predict_eps(torch.cat([x, x]), timestep, [uncond] * rows + conds).chunk(2)
+        predictions = host.predict_eps(torch.cat([x, x]), timestep, [uncond] * rows + conds).view(2, rows, *x.shape[1:])
+        states.append(TrajectoryState(x, timestep, predictions if keep_predictions else None))
+        eps_uncond, eps_cond = predictions
         x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), timestep, x).prev_sample
-        states.append((x, int(scheduler.timesteps[step + 1])))
+    states.append(TrajectoryState(x, int(scheduler.timesteps[steps])))
     return states

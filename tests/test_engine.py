@@ -192,10 +192,10 @@ def test_batched_trajectories_equal_one_at_a_time(tiny_folders):
     def states(sources):
         run = TrainingRun(host, TrainableDelta({}), quick_config(concept="red, blue", sample_steps=6), torch.Generator().manual_seed(0))
         return run.trajectories(sources, 5, True)
-    batched, single = states(["red", "blue"]), states(["red"])
-    assert batched[-1][0].shape[0] == 2 and batched[-1][1] == single[-1][1]
-    assert torch.allclose(batched[-1][0][:1], single[-1][0], atol=1e-4)  # same noise row, same cond
-    assert not torch.allclose(batched[-1][0][:1], batched[-1][0][1:], atol=1e-2)
+    (red, blue), (single,) = states(["red", "blue"]), states(["red"])
+    assert red[-1].timestep == blue[-1].timestep == single[-1].timestep
+    assert torch.allclose(red[-1].x_t, single[-1].x_t, atol=1e-4)  # same noise row, same cond
+    assert not torch.allclose(red[-1].x_t, blue[-1].x_t, atol=1e-2)
 
 
 def test_batched_frozen_targets_equal_one_at_a_time(tiny_folders):
@@ -204,10 +204,35 @@ def test_batched_frozen_targets_equal_one_at_a_time(tiny_folders):
 
     host = host_for(tiny_folders["sd1"])
     run = TrainingRun(host, TrainableDelta({}), quick_config(erase_from="blue", sample_steps=6), torch.Generator().manual_seed(0))
-    states = run.trajectories(["blue"], 5, False)
+    (states,) = run.trajectories(["blue"], 5, False)
     batched = [target for target, _ in run.targets(states, ("red", "blue"))]
     single = [run.targets([state], ("red", "blue"))[0][0] for state in states]
     assert all(torch.allclose(b, s, atol=1e-5) for b, s in zip(batched, single))
+
+
+def test_a_frozen_trajectorys_own_predictions_serve_as_its_targets(tiny_folders, monkeypatch):
+    """Where the frozen model sampled a trajectory, its e('') and e(source) at each state it stepped on from are
+    the frozen predictions the targets need: taken from there (no new pass), they equal freshly predicted ones.
+    The last state, and every state the trained model sampled, is predicted."""
+    from esd_core.esd import SampledState, TrainingRun
+    from esd_core.trainable import TrainableDelta
+
+    host = host_for(tiny_folders["sd1"])
+    run = TrainingRun(host, TrainableDelta({}), quick_config(sample_steps=6, hold_unconditional=1.0), torch.Generator().manual_seed(0))
+    (frozen,), (trained,) = run.trajectories(["red"], 5, False), run.trajectories(["red"], 5, True)
+    predicted_rows = []
+    predict_eps = host.predict_eps
+    monkeypatch.setattr(host, "predict_eps", lambda x_t, timestep, conds: predicted_rows.append(len(conds)) or predict_eps(x_t, timestep, conds))
+
+    from_trajectory = run.targets(frozen, ("red", "red"))
+    assert predicted_rows == [2]  # the last state's e('') and e('red')
+    fresh = run.targets([SampledState(state.x_t, state.timestep) for state in frozen], ("red", "red"))
+    assert len(from_trajectory) == len(fresh) == 6
+    for (target, held), (fresh_target, fresh_held) in zip(from_trajectory, fresh):
+        assert torch.allclose(target, fresh_target, atol=1e-5) and torch.allclose(held, fresh_held, atol=1e-5)
+    predicted_rows.clear()
+    run.targets(trained, ("red", "red"))
+    assert sum(predicted_rows) == 2 * len(trained)
 
 
 def test_preservation_targets_the_frozen_prediction_and_adds_nothing_at_the_start(tiny_folders):
@@ -230,9 +255,9 @@ def test_preservation_keeps_the_preserved_prediction_closer_to_the_original(tiny
     def blue_change(**preservation):
         host = host_for(tiny_folders["sd1"])
         run = TrainingRun(host, TrainableDelta({}), quick_config(concept="blue", sample_steps=8), torch.Generator().manual_seed(1))
-        states = run.trajectories(["blue"] * 2, 6, False)[1::2]  # 3 states of 2 trajectories
-        x_t = torch.cat([x for x, _ in states])
-        timesteps = torch.tensor([t for _, t in states]).repeat_interleave(2)
+        states = [state for row in run.trajectories(["blue"] * 2, 6, False) for state in row[1::2]]  # 3 states of 2 trajectories
+        x_t = torch.cat([state.x_t for state in states])
+        timesteps = torch.tensor([state.timestep for state in states])
         blue = [host.encode("blue")] * len(x_t)
         original = host.predict_eps(x_t, timesteps, blue)
         delta = train_erasure(host, quick_config(iterations=40, lr=1e-3, sample_steps=8, **preservation))
@@ -458,7 +483,7 @@ def losses_one_example_at_a_time(run, state, pairs):
     """One example of each pair at ``state`` and the loss ``update`` computes for it alone (at learning rate 0)."""
     from esd_core.esd import update
 
-    examples = [run.example(*state, pair, *run.targets([state], pair)[0]) for pair in pairs]
+    examples = [run.example(state, pair, *run.targets([state], pair)[0]) for pair in pairs]
     unchanged = torch.optim.SGD(run.delta.parameters(), lr=0.0)
     return examples, [update(run, unchanged, [example], [1.0], 0) for example in examples]
 
@@ -466,7 +491,7 @@ def losses_one_example_at_a_time(run, state, pairs):
 def prediction(host, delta, state, text, trained: bool):
     """The trained or the frozen model's epsilon for ``text`` at ``state``."""
     with delta.switched(trained), torch.no_grad():
-        return host.predict_eps(state[0], torch.tensor([state[1]]), [host.encode(text)])
+        return host.predict_eps(state.x_t, torch.tensor([state.timestep]), [host.encode(text)])
 
 
 def test_a_guided_preservation_compares_what_a_sampler_at_that_guidance_draws(tiny_folders):
@@ -479,7 +504,7 @@ def test_a_guided_preservation_compares_what_a_sampler_at_that_guidance_draws(ti
     delta, generator = random_delta(host, "esd-x", 0.05)
     with host.attach(delta):
         run = TrainingRun(host, delta, quick_config(preserve="blue", preserve_guidance=3.0), generator)
-        state = run.trajectories(["blue"], 2, False)[2]
+        state = run.trajectories(["blue"], 2, False)[0][2]
         examples, losses = losses_one_example_at_a_time(run, state, [(None, "blue"), (None, "")])
 
         def eps(text, trained):
@@ -506,7 +531,7 @@ def test_holding_the_unconditional_adds_the_empty_prompts_drift_at_the_erased_ex
     delta, generator = random_delta(host, "esd-u", 0.02)
     with host.attach(delta):
         run = TrainingRun(host, delta, quick_config(method="esd-u", eta=2.0, preserve="blue", hold_unconditional=0.5), generator)
-        state = run.trajectories(["red"], 2, False)[2]
+        state = run.trajectories(["red"], 2, False)[0][2]
         examples, losses = losses_one_example_at_a_time(run, state, [("red", "red"), (None, "blue")])
 
         def eps(text, trained):
