@@ -22,9 +22,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # tiny world's (under 10 MB) are, a full-size UNet's (SD1.5 esd-x: 176 MB) keep the memory-flat output path.
 WEIGHT_DELTA_MAX_BYTES = 64 * 2**20
 
-# On the CPU, a UNet whose weights take at most this many bytes (the tiny world's: 9 MiB) runs its feed-forwards
-# whole, since its activations are small; a larger one (SD1.5: 3.3 GiB in fp32) runs them one row at a time
-# (``_feed_forward_one_row_at_a_time``).
+# On the CPU, a UNet with at most this many bytes of weights (the tiny world's: 9 MiB) runs its feed-forwards whole
+# (``feed_forwards_row_wise``).
 WHOLE_FEED_FORWARD_MAX_BYTES = 64 * 2**20
 
 
@@ -37,7 +36,7 @@ class DiffusersHost(ErasureHost):
         self.unet = pipeline.unet.to(self.device).requires_grad_(False)
         if gradient_checkpointing:  # recompute block activations in backward: less memory, ~30% more time per update
             self.unet.enable_gradient_checkpointing()
-        if gradient_checkpointing or (self.device.type == "cpu" and _weight_bytes(self.unet) > WHOLE_FEED_FORWARD_MAX_BYTES):
+        if feed_forwards_row_wise(self.unet, self.device, gradient_checkpointing):
             _feed_forward_one_row_at_a_time(self.unet)
         for encoder in self._text_encoders():
             encoder.to(self.device).requires_grad_(False)
@@ -166,19 +165,23 @@ class _AddedDelta(torch.nn.Module):
         return self.delta.added_to(self.name, tensor)
 
 
+def feed_forwards_row_wise(unet, device: torch.device, gradient_checkpointing: bool) -> bool:
+    """Whether each feed-forward runs one row at a time, which saves memory but costs time: 13% on an H200 (200
+    esd-x updates of an SD1.5 UNet at 512x512: 39.5 s against 34.8 s) and 6-22% of the tiny world's erasure on 2 CPU
+    threads (README, "Speed and memory"). So a GPU does only in the memory-saving mode, with gradient checkpointing,
+    and the CPU for a UNet over ``WHOLE_FEED_FORWARD_MAX_BYTES`` of weights (SD1.5: 3.3 GiB in fp32), whose many-row
+    sampling passes would otherwise set the peak. (The weights' size stands in for the activations', which holds
+    at a UNet's own resolution.)"""
+    weight_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    return gradient_checkpointing or (device.type == "cpu" and weight_bytes > WHOLE_FEED_FORWARD_MAX_BYTES)
+
+
 def _feed_forward_one_row_at_a_time(unet) -> None:
     """Each feed-forward's 8x-wide hidden layer, otherwise the largest transient of a many-row sampling pass, is
-    computed one row at a time: less memory, the same outputs up to float rounding. It costs time: 13% on an H200
-    (200 esd-x updates of an SD1.5 UNet at 512x512: 39.5 s against 34.8 s) and 9-14% of the tiny world's erasure on
-    2 CPU threads (README, "Speed and memory"). So a GPU uses it only in the memory-saving mode, with gradient
-    checkpointing, and the CPU only for a UNet larger than ``WHOLE_FEED_FORWARD_MAX_BYTES``."""
+    computed one row at a time: less memory, the same outputs up to float rounding."""
     for block in unet.modules():
         if hasattr(block, "set_chunk_feed_forward"):
             block.set_chunk_feed_forward(1, dim=0)
-
-
-def _weight_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _alphas_cumprod(scheduler) -> torch.Tensor:

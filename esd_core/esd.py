@@ -24,8 +24,9 @@ Two modes feed the same update with the same distribution of (x_t, t):
   examples, at step counts drawn uniformly (chained random permutations), served in shuffled order; so
   no state is older than one batch of trajectories, and the frozen predictions for each state are
   computed once, in batches.
-Where the frozen model samples a stream, the e('') and e(source) each state was stepped on with are also the
-frozen predictions its targets need, so they are taken from there rather than predicted again.
+Where the frozen model samples a stream, the e('') and e(source) each state was stepped on with are frozen
+predictions; when they are all a target needs (not so with another erase_from text or an orthogonal push, nor
+at a trajectory's last state), they are taken from there rather than predicted again.
 """
 
 from collections.abc import Callable, Iterator
@@ -66,10 +67,18 @@ class SampledState:
 
     @classmethod
     def of_row(cls, state: TrajectoryState, row: int, source: str) -> "SampledState":
+        """Row ``row`` of a trajectory state sampled for ``source`` (with the frozen model if it kept predictions:
+        e('') and e(source), in ``ddim_trajectory``'s order; for the empty source both are e(''))."""
         if state.predictions is None:
             return cls(state.latents[row : row + 1], state.timestep)
         unconditional, conditional = state.predictions[:, row : row + 1]
         return cls(state.latents[row : row + 1], state.timestep, {"": unconditional, source: conditional})
+
+    def frozen_predictions(self, texts: list[str]) -> torch.Tensor | None:
+        """The frozen predictions it holds for ``texts``, one row each; None unless it holds them all."""
+        if not all(text in self.frozen for text in texts):
+            return None
+        return torch.cat([self.frozen[text] for text in texts])
 
 
 @dataclass
@@ -165,7 +174,7 @@ class TrainingRun:
     def frozen_predictions(self, states: list[SampledState], texts: list[str]) -> torch.Tensor:
         """The frozen model's predictions for every state and text, (states, texts, ...): taken from the state when
         it holds them all, else predicted ``FROZEN_STATES_PER_PASS`` states per batched pass."""
-        eps = [torch.cat([state.frozen[t] for t in texts]) if all(t in state.frozen for t in texts) else None for state in states]
+        eps = [state.frozen_predictions(texts) for state in states]
         missing = [i for i, known in enumerate(eps) if known is None]
         for start in range(0, len(missing), FROZEN_STATES_PER_PASS):
             group = missing[start : start + FROZEN_STATES_PER_PASS]
@@ -217,15 +226,21 @@ def reused_trajectory_examples(run: TrainingRun, pairs: list[Pair], trained: boo
     reuse = run.config.reuse or max(1, steps * run.config.batch_size // count)  # a batch serves ~``steps`` updates
     while True:
         batch = [pairs[i] for i in run.permuted(len(pairs), count)]
-        chosen = [run.permuted(steps, reuse) for _ in batch]
-        states = run.trajectories([source for _, source in batch], max(max(ks) for ks in chosen), trained)
-        examples = []
-        for row_states, pair, ks in zip(states, batch, chosen):
-            used = sorted(set(ks))
-            targets = dict(zip(used, run.targets([row_states[k] for k in used], pair)))
-            examples += [run.example(row_states[k], pair, *targets[k]) for k in ks]
+        examples = examples_from_trajectories(run, batch, [run.permuted(steps, reuse) for _ in batch], trained)
         for i in torch.randperm(len(examples), generator=run.generator).tolist():
             yield examples[i]
+
+
+def examples_from_trajectories(run: TrainingRun, batch: list[Pair], chosen: list[list[int]], trained: bool) -> list[TrainingExample]:
+    """One trajectory per pair of ``batch``, sampled together, and an example of its state k for each k of the pair's
+    ``chosen`` step counts; the states themselves (and any predictions they carry) are let go on return."""
+    states = run.trajectories([source for _, source in batch], max(max(ks) for ks in chosen), trained)
+    examples = []
+    for row_states, pair, ks in zip(states, batch, chosen):
+        used = sorted(set(ks))
+        targets = dict(zip(used, run.targets([row_states[k] for k in used], pair)))
+        examples += [run.example(row_states[k], pair, *targets[k]) for k in ks]
+    return examples
 
 
 EXAMPLE_SOURCES = {"reference": reference_examples, "fast": reused_trajectory_examples}

@@ -61,7 +61,7 @@ def ddim_trajectory(
     states = []
     for step in range(steps):
         timestep = int(scheduler.timesteps[step])
-        predictions = host.predict_eps(torch.cat([x, x]), timestep, [uncond] * rows + conds).view(2, rows, *x.shape[1:])
+        predictions = host.predict_eps(torch.cat([x, x]), timestep, [uncond] * rows + conds).unflatten(0, (2, rows))
         states.append(TrajectoryState(x, timestep, predictions if keep_predictions else None))
         eps_uncond, eps_cond = predictions
         x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), timestep, x).prev_sample

@@ -36,8 +36,8 @@ class RecordingHost(DiffusersHost):
         return super().predict_eps(x_t, timestep, conds)
 
 
-@pytest.mark.parametrize("erase_from", ["", "blue"])
-def test_loss_target_matches_the_paper(tiny_folders, erase_from):
+@pytest.mark.parametrize("erase_from, sample_with", [("", "trained"), ("blue", "trained"), ("", "frozen")])
+def test_loss_target_matches_the_paper(tiny_folders, erase_from, sample_with):
     """At iteration 0 the delta is zero, so the trainable prediction is ef and the loss is |ef - target|^2.
 
     With target = ef - eta*(ec - e0) that is eta^2 * mean((ec - e0)^2); computed here from independent UNet calls.
@@ -45,7 +45,7 @@ def test_loss_target_matches_the_paper(tiny_folders, erase_from):
     host = RecordingHost(load_pipeline(tiny_folders["sd1"]))
     losses = []
     eta = 0.7
-    train_erasure(host, quick_config(iterations=1, eta=eta, erase_from=erase_from), lambda i, loss: losses.append(loss))
+    train_erasure(host, quick_config(iterations=1, eta=eta, erase_from=erase_from, sample_with=sample_with), lambda i, loss: losses.append(loss))
     x_t, timestep = host.last_call
     source = erase_from or "red"
     e0 = unet_eps(host.pipeline, x_t, timestep, "")
@@ -204,35 +204,41 @@ def test_batched_frozen_targets_equal_one_at_a_time(tiny_folders):
 
     host = host_for(tiny_folders["sd1"])
     run = TrainingRun(host, TrainableDelta({}), quick_config(erase_from="blue", sample_steps=6), torch.Generator().manual_seed(0))
-    (states,) = run.trajectories(["blue"], 5, False)
+    (states,) = run.trajectories(["blue"], 5, True)  # sampled with the (empty) delta on: no predictions to reuse
     batched = [target for target, _ in run.targets(states, ("red", "blue"))]
     single = [run.targets([state], ("red", "blue"))[0][0] for state in states]
     assert all(torch.allclose(b, s, atol=1e-5) for b, s in zip(batched, single))
 
 
-def test_a_frozen_trajectorys_own_predictions_serve_as_its_targets(tiny_folders, monkeypatch):
+@pytest.mark.parametrize("pair", [("red", "red"), (None, "blue"), (None, "")])
+def test_a_frozen_trajectorys_own_predictions_serve_as_its_targets(tiny_folders, monkeypatch, pair):
     """Where the frozen model sampled a trajectory, its e('') and e(source) at each state it stepped on from are
-    the frozen predictions the targets need: taken from there (no new pass), they equal freshly predicted ones.
-    The last state, and every state the trained model sampled, is predicted."""
+    the frozen predictions the targets need (an erased pair's, a guided preserved text's, the empty prompt's):
+    taken from there (no new pass), they equal freshly predicted ones. The last state, and every state the
+    trained model sampled, is predicted."""
     from esd_core.esd import SampledState, TrainingRun
     from esd_core.trainable import TrainableDelta
 
     host = host_for(tiny_folders["sd1"])
-    run = TrainingRun(host, TrainableDelta({}), quick_config(sample_steps=6, hold_unconditional=1.0), torch.Generator().manual_seed(0))
-    (frozen,), (trained,) = run.trajectories(["red"], 5, False), run.trajectories(["red"], 5, True)
+    config = quick_config(sample_steps=6, hold_unconditional=1.0, preserve="blue", preserve_guidance=3.0)
+    run = TrainingRun(host, TrainableDelta({}), config, torch.Generator().manual_seed(0))
+    source = pair[1]
+    (frozen,), (trained,) = run.trajectories([source], 5, False), run.trajectories([source], 5, True)
+    texts_per_state = 2 if source else 1  # e('') and e(source); the empty prompt's target is e('') alone
     predicted_rows = []
     predict_eps = host.predict_eps
     monkeypatch.setattr(host, "predict_eps", lambda x_t, timestep, conds: predicted_rows.append(len(conds)) or predict_eps(x_t, timestep, conds))
 
-    from_trajectory = run.targets(frozen, ("red", "red"))
-    assert predicted_rows == [2]  # the last state's e('') and e('red')
-    fresh = run.targets([SampledState(state.x_t, state.timestep) for state in frozen], ("red", "red"))
+    from_trajectory = run.targets(frozen, pair)
+    assert predicted_rows == [texts_per_state]  # the last state's
+    fresh = run.targets([SampledState(state.x_t, state.timestep) for state in frozen], pair)
     assert len(from_trajectory) == len(fresh) == 6
     for (target, held), (fresh_target, fresh_held) in zip(from_trajectory, fresh):
-        assert torch.allclose(target, fresh_target, atol=1e-5) and torch.allclose(held, fresh_held, atol=1e-5)
+        assert torch.allclose(target, fresh_target, atol=1e-5)
+        assert (held is None and fresh_held is None) or torch.allclose(held, fresh_held, atol=1e-5)
     predicted_rows.clear()
-    run.targets(trained, ("red", "red"))
-    assert sum(predicted_rows) == 2 * len(trained)
+    run.targets(trained, pair)
+    assert sum(predicted_rows) == texts_per_state * len(trained)
 
 
 def test_preservation_targets_the_frozen_prediction_and_adds_nothing_at_the_start(tiny_folders):
