@@ -10,7 +10,6 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from torch.nn.utils import parametrize
 
-from . import threads
 from .apply import unet_family
 from .host import ErasureHost
 from .keys import diffusers_to_ldm_names
@@ -23,9 +22,9 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # tiny world's (under 10 MB) are, a full-size UNet's (SD1.5 esd-x: 176 MB) keep the memory-flat output path.
 WEIGHT_DELTA_MAX_BYTES = 64 * 2**20
 
-# On the CPU, a UNet with at most this many bytes of weights (the tiny world's: 9 MiB; SD1.5's: 3.3 GiB in fp32) is
-# small: it runs its feed-forwards whole and its no-grad passes as two threads (``DiffusersHost.__init__``).
-SMALL_UNET_MAX_BYTES = 64 * 2**20
+# On the CPU, a UNet with at most this many bytes of weights (the tiny world's: 9 MiB) runs its feed-forwards whole
+# (``feed_forwards_row_wise``).
+WHOLE_FEED_FORWARD_MAX_BYTES = 64 * 2**20
 
 
 class DiffusersHost(ErasureHost):
@@ -37,12 +36,8 @@ class DiffusersHost(ErasureHost):
         self.unet = pipeline.unet.to(self.device).requires_grad_(False)
         if gradient_checkpointing:  # recompute block activations in backward: less memory, ~30% more time per update
             self.unet.enable_gradient_checkpointing()
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.unet.parameters())
-        small_on_cpu = self.device.type == "cpu" and weight_bytes <= SMALL_UNET_MAX_BYTES
-        if gradient_checkpointing or (self.device.type == "cpu" and not small_on_cpu):
+        if feed_forwards_row_wise(self.unet, self.device, gradient_checkpointing):
             _feed_forward_one_row_at_a_time(self.unet)
-        # faster on 2 cores, bit-identical (``threads``); a pass with gradients stays whole, for one backward
-        self.splits_rows = small_on_cpu and torch.get_num_threads() >= threads.WORKERS
         for encoder in self._text_encoders():
             encoder.to(self.device).requires_grad_(False)
         self.dtype = self.unet.dtype
@@ -98,21 +93,16 @@ class DiffusersHost(ErasureHost):
         sample = x_t.to(self.device, self.dtype).expand(batch, -1, -1, -1)
         timesteps = torch.as_tensor(timestep, device=self.device).expand(batch)
         hidden = torch.cat([embeds for embeds, _ in conds]).to(self.dtype)
-        added = {}
+        extra = {}
         if self.is_sdxl:
             height, width = (size * self.vae_scale_factor for size in self.latent_shape[1:])
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
-            added = {"text_embeds": torch.cat([pooled for _, pooled in conds]).to(self.dtype), "time_ids": time_ids.expand(batch, -1)}
-
-        def unet_output(rows: slice) -> torch.Tensor:
-            extra = {"added_cond_kwargs": {name: value[rows] for name, value in added.items()}} if added else {}
-            return self.unet(sample[rows], timesteps[rows], encoder_hidden_states=hidden[rows], **extra).sample
-
+            extra["added_cond_kwargs"] = {
+                "text_embeds": torch.cat([pooled for _, pooled in conds]).to(self.dtype),
+                "time_ids": time_ids.expand(batch, -1),
+            }
         with parametrize.cached():  # a weight the delta is added to is computed once per pass, not at every read
-            if self.splits_rows and not torch.is_grad_enabled() and batch > 1:
-                output = torch.cat(threads.map_in_threads(unet_output, threads.split_rows(batch, threads.WORKERS))).float()
-            else:
-                output = unet_output(slice(None)).float()
+            output = self.unet(sample, timesteps, encoder_hidden_states=hidden, **extra).sample.float()
         if self.prediction_type == "v_prediction":
             alpha = self._alphas_cumprod[timesteps].view(-1, 1, 1, 1)
             return alpha.sqrt() * output + (1 - alpha).sqrt() * x_t.to(self.device).float()
@@ -175,14 +165,20 @@ class _AddedDelta(torch.nn.Module):
         return self.delta.added_to(self.name, tensor)
 
 
+def feed_forwards_row_wise(unet, device: torch.device, gradient_checkpointing: bool) -> bool:
+    """Whether each feed-forward runs one row at a time, which saves memory but costs time: 13% on an H200 (200
+    esd-x updates of an SD1.5 UNet at 512x512: 39.5 s against 34.8 s) and 6-22% of the tiny world's erasure on 2 CPU
+    threads (README, "Speed and memory"). So a GPU does only in the memory-saving mode, with gradient checkpointing,
+    and the CPU for a UNet over ``WHOLE_FEED_FORWARD_MAX_BYTES`` of weights (SD1.5: 3.3 GiB in fp32), whose many-row
+    sampling passes would otherwise set the peak. (The weights' size stands in for the activations', which holds
+    at a UNet's own resolution.)"""
+    weight_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    return gradient_checkpointing or (device.type == "cpu" and weight_bytes > WHOLE_FEED_FORWARD_MAX_BYTES)
+
+
 def _feed_forward_one_row_at_a_time(unet) -> None:
     """Each feed-forward's 8x-wide hidden layer, otherwise the largest transient of a many-row sampling pass, is
-    computed one row at a time: less memory, the same outputs up to float rounding. It costs time: 13% on an H200
-    (200 esd-x updates of an SD1.5 UNet at 512x512: 39.5 s against 34.8 s) and 6-22% of the tiny world's erasure on
-    2 CPU threads (README, "Speed and memory"). So a GPU does it only in the memory-saving mode, with gradient
-    checkpointing, and the CPU for a UNet that is not small (``SMALL_UNET_MAX_BYTES``), whose many-row sampling
-    passes would otherwise set the peak. (The weights' size stands in for the activations', which holds at a
-    UNet's own resolution.)"""
+    computed one row at a time: less memory, the same outputs up to float rounding."""
     for block in unet.modules():
         if hasattr(block, "set_chunk_feed_forward"):
             block.set_chunk_feed_forward(1, dim=0)

@@ -369,12 +369,9 @@ def test_gradient_checkpointing_trains_the_same_delta(tiny_folders):
     assert any(t.abs().max() > 0 for t in plain.values())
 
 
-def test_a_cpu_host_splits_a_small_unets_passes_and_runs_a_large_ones_feed_forwards_row_by_row(tiny_folders, monkeypatch):
-    """On the CPU a small UNet's no-grad pass runs as two threads on parts of the rows, the same as one pass up to
-    float rounding (a pass with gradients stays whole); a large UNet's (here: any, with the threshold at 0) runs in one thread,
-    its feed-forwards one row at a time. The predictions are the same."""
-    import threading
-
+def test_a_cpu_host_runs_a_large_unets_feed_forwards_row_by_row_with_the_same_predictions(tiny_folders, monkeypatch):
+    """On the CPU a small UNet's feed-forwards run whole, a large one's (here: any, with the threshold at 0) one
+    row at a time; the predictions are the same."""
     import esd_core.diffusers_host as diffusers_host
 
     pipeline = load_pipeline(tiny_folders["sd1"])
@@ -382,29 +379,22 @@ def test_a_cpu_host_splits_a_small_unets_passes_and_runs_a_large_ones_feed_forwa
     x_t = torch.randn(3, config.in_channels, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(0))
     whole = unet_eps(pipeline, x_t, 500, "red")
 
-    def feed_forward_calls(host, grad: bool):
-        """The predictions, and the (rows, thread) of every feed-forward call."""
-        calls = []
+    def rows_per_feed_forward(host):
+        rows_seen = []
         feed_forwards = [module for name, module in host.unet.named_modules() if name.endswith(".ff")]
-        handles = [ff.register_forward_hook(lambda module, inputs, output: calls.append((inputs[0].shape[0], threading.get_ident())))
-                   for ff in feed_forwards]
-        with torch.set_grad_enabled(grad):
-            eps = host.predict_eps(x_t, 500, [host.encode("red")] * 3).detach()
+        handles = [ff.register_forward_hook(lambda module, inputs, output: rows_seen.append(inputs[0].shape[0])) for ff in feed_forwards]
+        with torch.no_grad():
+            eps = host.predict_eps(x_t, 500, [host.encode("red")] * 3)
         for handle in handles:
             handle.remove()
-        assert feed_forwards and len(calls) % len(feed_forwards) == 0
-        return eps, calls
+        assert feed_forwards and len(rows_seen) % len(feed_forwards) == 0
+        return set(rows_seen), eps
 
-    small = DiffusersHost(pipeline)
-    split, calls = feed_forward_calls(small, grad=False)
-    assert {rows for rows, _ in calls} == {2, 1} and len({thread for _, thread in calls}) == 2
-    one_pass, calls = feed_forward_calls(small, grad=True)
-    assert {rows for rows, _ in calls} == {3} and {thread for _, thread in calls} == {threading.get_ident()}
-    assert torch.allclose(split, one_pass, atol=1e-5)
-    monkeypatch.setattr(diffusers_host, "SMALL_UNET_MAX_BYTES", 0)
-    row_by_row, calls = feed_forward_calls(DiffusersHost(pipeline), grad=False)
-    assert {rows for rows, _ in calls} == {1} and {thread for _, thread in calls} == {threading.get_ident()}
-    assert torch.allclose(whole, row_by_row, atol=1e-5) and torch.allclose(whole, split, atol=1e-5)
+    assert rows_per_feed_forward(DiffusersHost(pipeline))[0] == {3}
+    monkeypatch.setattr(diffusers_host, "WHOLE_FEED_FORWARD_MAX_BYTES", 0)
+    rows_seen, row_by_row = rows_per_feed_forward(DiffusersHost(pipeline))
+    assert rows_seen == {1}
+    assert torch.allclose(whole, row_by_row, atol=1e-5)
 
 
 def test_an_update_trains_on_batch_size_examples_of_each_stream(tiny_folders):

@@ -74,6 +74,29 @@ def test_shipped_pipeline_loads_offline_and_generates():
     assert np.isfinite(out.images).all()
 
 
+def test_generation_split_between_threads_gives_each_seed_the_image_one_call_gives(monkeypatch):
+    """The evaluation samples each batch as two threads on part of its images (each with its own scheduler);
+    an image depends only on its prompt and seed, not on the batch or thread it was drawn in."""
+    from esd_core import threads
+
+    monkeypatch.setattr(evaluate, "STEPS", 3)
+    monkeypatch.setattr(evaluate, "BATCH_SIZE", 3)
+    pipe = evaluate.load_pipeline()
+    prompts, seeds = ["a red circle", "a disc", "a blue star", "a green shape", "a yellow square"], [0, 1, 2, 3, 4]
+    split = evaluate.generate(pipe, prompts, seeds)  # batches of 3 and 2, each split in two
+    assert split.shape == (5, 3, 32, 32)
+    for i in (0, 4):
+        alone = evaluate._images(pipe, slice(i, i + 1), prompts, seeds).float()
+        assert torch.allclose(split[i : i + 1], alone, atol=1e-5)
+    assert not torch.allclose(split[0], split[1], atol=1e-2)
+    calls = []
+    images = evaluate._images
+    monkeypatch.setattr(evaluate, "_images", lambda pipe, rows, *rest: calls.append((id(pipe), rows)) or images(pipe, rows, *rest))
+    evaluate.generate(pipe, prompts, seeds)
+    assert sorted((rows.start, rows.stop) for _, rows in calls) == [(0, 2), (2, 3), (3, 4), (4, 5)]  # threads finish in any order
+    assert len({pipe_id for pipe_id, _ in calls}) == threads.WORKERS
+
+
 def test_prompt_groups_avoid_the_erased_concept():
     groups = evaluate.prompt_groups("red")
     assert [g["role"] for g in groups] == ["erased", "synonym"] + ["other"] * 7

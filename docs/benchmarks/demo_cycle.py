@@ -6,13 +6,11 @@ printed as it comes (the machine's speed drifts, so compare within a round):
 
 - shipped: as ``esd-erase demo`` trains;
 - outputs: the delta added to each layer's output, not to the weights (a zero weight budget);
-- large-unet: the UNet treated as a large one (a zero small-UNet budget): every feed-forward one row at a time,
-  and no pass split between threads;
-- whole-passes: no pass split between threads (``threads.WORKERS`` 1);
+- row-wise: every feed-forward one row at a time, as for a large UNet (a zero whole-feed-forward budget);
 - predicted-targets: the frozen predictions of the erased stream predicted again rather than taken from the
   frozen model's own sampling pass.
 
-    python docs/benchmarks/demo_cycle.py --rounds 2 --variants shipped whole-passes predicted-targets
+    python docs/benchmarks/demo_cycle.py --rounds 2 --variants shipped row-wise predicted-targets
 """
 
 import argparse
@@ -25,7 +23,7 @@ import torch
 import esd_core.diffusers_host as diffusers_host
 import esd_core.esd as esd
 import esd_core.sampling as sampling
-from esd_core import cli, threads
+from esd_core import cli
 
 
 def trajectory_without_predictions(*args, keep_predictions: bool = False, **kwargs):
@@ -37,8 +35,7 @@ def trajectory_without_predictions(*args, keep_predictions: bool = False, **kwar
 VARIANTS = {
     "shipped": None,
     "outputs": (diffusers_host, "WEIGHT_DELTA_MAX_BYTES", 0),
-    "large-unet": (diffusers_host, "SMALL_UNET_MAX_BYTES", 0),
-    "whole-passes": (threads, "WORKERS", 1),
+    "row-wise": (diffusers_host, "WHOLE_FEED_FORWARD_MAX_BYTES", 0),
     "predicted-targets": (esd, "ddim_trajectory", trajectory_without_predictions),
 }
 
