@@ -1,8 +1,9 @@
 """Running a small model's sampling as two Python threads, each on part of the images.
 
 On 2 CPU cores, torch's intra-op threads leave much of the second core idle on the tiny world's small
-operations: sampling its evaluation images took 16-22% less time as two threads on half the images each,
-with one intra-op thread apiece (README, "Speed and memory"). The images come out bit-identical.
+operations: sampling its evaluation images took 20-27% less time as two threads on half the images each,
+with one intra-op thread apiece (``docs/benchmarks/eval_threads.py``; README, "Speed and memory"). The
+images come out bit-identical.
 """
 
 from collections.abc import Callable
