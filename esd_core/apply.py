@@ -27,6 +27,11 @@ def _add(targets: dict[str, torch.Tensor], delta: ErasureDelta, strength: float)
         parameter.add_(delta.deltas[name].to(parameter.device, parameter.dtype), alpha=strength)
 
 
+def check_fits(unet: UNet2DConditionModel, delta: ErasureDelta) -> None:
+    """Refuse (ValueError) a delta made for another model, without touching the UNet."""
+    _targets(unet, delta)
+
+
 def apply_delta(unet: UNet2DConditionModel, delta: ErasureDelta, strength: float = 1.0) -> None:
     """Add ``strength * delta`` to the UNet's weights in place (for writing an erased model)."""
     _add(_targets(unet, delta), delta, strength)

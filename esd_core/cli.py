@@ -2,9 +2,11 @@
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -13,7 +15,9 @@ from tqdm.auto import tqdm
 from .config import BENCH_CASES, BENCH_RANKS, MODES, SAMPLE_WITH_CHOICES, EraseConfig
 from .erasure_file import SAVE_DTYPES, ErasureDelta, summary, write_atomically
 from .methods import TRAIN_METHODS, method_choices, resolve_method
+from .output_paths import check_output_file, check_output_folder
 from .presets import PAPER, TINY_WORLD, TINY_WORLD_BY_METHOD, default_method, defaults_for, tiny_world_method
+from .tinyworld.world import DEFAULT_MODEL_DIR
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESET_FIELDS = tuple(PAPER)
@@ -23,6 +27,22 @@ def tiny_world_default(field: str) -> str:
     """The tiny world's default for a setting, for help texts: one value, or esd-u's and everyone else's."""
     usual, esd_u = TINY_WORLD[field], TINY_WORLD_BY_METHOD["esd-u"].get(field, TINY_WORLD[field])
     return f"{usual}" if usual == esd_u else f"esd-u {esd_u}, else {usual}"
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is neither NaN nor infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def pick_device(name: str) -> torch.device:
@@ -100,11 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--concept", required=True, help="text to erase; comma-separate several")
     _add_erase_arguments(erase)
     erase.add_argument("--out", required=True, help="where to write the .safetensors delta")
+    erase.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never a file of the input model)")
 
     apply = commands.add_parser("apply", help="write a model with an erasure applied")
     _add_model_arguments(apply)
     apply.add_argument("--delta", required=True, help="an erasure .safetensors file")
-    apply.add_argument("--strength", type=float, default=1.0, help="multiplier of the delta (1 = as trained, 0 = original)")
+    apply.add_argument("--strength", type=finite_float, default=1.0, help="multiplier of the delta (1 = as trained, 0 = original)")
     apply.add_argument("--out", required=True, help="a new folder (whole pipeline) or a .safetensors file (UNet state dict, diffusers names)")
 
     info = commands.add_parser("info", help="print an erasure file's metadata and tensors")
@@ -114,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="a tiny-world pipeline folder (default: the shipped one)")
     evaluate.add_argument("--delta", help="the erasure to measure (without it: the base model only)")
     evaluate.add_argument("--concept", required=True, help="the erased shape or colour, e.g. circle or red")
-    evaluate.add_argument("--n", type=int, default=64, help="images per prompt group")
+    evaluate.add_argument("--n", type=positive_int, default=64, help="images per prompt group")
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--strength", type=float, default=1.0)
+    evaluate.add_argument("--strength", type=finite_float, default=1.0)
     evaluate.add_argument("--json", help="write the numbers here too")
     evaluate.add_argument("--grid", help="before/after PNG grid (default: next to --json, or none)")
 
@@ -125,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(demo)
     demo.add_argument("--concept", default="circle", help="a shape or colour of the tiny world")
     _add_erase_arguments(demo)
-    demo.add_argument("--n", type=int, default=32, help="images per prompt group in the evaluation (esd-erase eval defaults to 64)")
+    demo.add_argument("--n", type=positive_int, default=32, help="images per prompt group in the evaluation (esd-erase eval defaults to 64)")
     demo.add_argument("--out-dir", default="esd-demo", help="where the delta, JSON and grid go")
 
     bench = commands.add_parser("bench", help="time and memory: fast vs reference (vs a two-UNet baseline); prints JSON")
@@ -134,14 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cases", nargs="+", default=list(BENCH_CASES), choices=BENCH_CASES, help="random weights: which cases per method (checkpointing = fast with gradient checkpointing; two-unet = the reference scripts' frozen-copy layout)")
     bench.add_argument("--tiny-world", action="store_true", help="the shipped tiny world, with its evaluation")
     bench.add_argument("--concept", default="circle", help="tiny world: the concept to erase")
-    bench.add_argument("--iterations", type=int, help="updates per case (random weights default 4; tiny world: its preset)")
+    bench.add_argument("--iterations", type=positive_int, help="updates per case (random weights default 4; tiny world: its preset)")
     bench.add_argument("--resolution", type=int, default=256, help="random weights: image size in pixels")
     bench.add_argument("--sample-steps", type=int, default=50)
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     bench.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
-    bench.add_argument("--n", type=int, default=64, help="tiny world: images per prompt group")
+    bench.add_argument("--n", type=positive_int, default=64, help="tiny world: images per prompt group")
     bench.add_argument("--json", help="write all figures here")
     return parser
+
+
+def model_path(args) -> str:
+    """The model a command works on: ``--model``, else the shipped tiny world."""
+    return args.model or str(DEFAULT_MODEL_DIR)
 
 
 def erase_config(args, concept: str, method: str) -> EraseConfig:
@@ -158,11 +184,9 @@ def train_with_progress(args, config: EraseConfig) -> ErasureDelta:
     """Load the model and run the erasure with a tqdm bar showing the running loss."""
     from .diffusers_host import DiffusersHost, load_pipeline
     from .esd import erase
-    from .tinyworld.world import DEFAULT_MODEL_DIR
 
     device = pick_device(args.device)
-    model = args.model or str(DEFAULT_MODEL_DIR)
-    pipeline = load_pipeline(model, args.config, pick_dtype(args.dtype, device), with_vae=False)
+    pipeline = load_pipeline(model_path(args), args.config, pick_dtype(args.dtype, device), with_vae=False)
     host = DiffusersHost(pipeline, device, args.resolution, args.gradient_checkpointing)
     with tqdm(total=config.iterations, desc=f"erasing {config.concept!r}", unit="it") as bar:
         def progress(iteration: int, loss: float) -> None:
@@ -174,7 +198,7 @@ def train_with_progress(args, config: EraseConfig) -> ErasureDelta:
 
 def run_erase(args) -> None:
     config = erase_config(args, args.concept, args.method or default_method(args.model, args.concept))
-    _check_output_path(args.out, ".safetensors")
+    check_output_file(args.out, "--out", ".safetensors", args.overwrite, protected=model_path(args))
     erasure = train_with_progress(args, config)
     erasure.save(args.out, SAVE_DTYPES[args.save_dtype])
     print(f"wrote {args.out}: {erasure.describe()}, {erasure.metadata['trained_parameters']} parameters")
@@ -183,13 +207,13 @@ def run_erase(args) -> None:
 def run_apply(args) -> None:
     from .apply import apply_delta
     from .diffusers_host import load_pipeline
-    from .tinyworld.world import DEFAULT_MODEL_DIR
 
     delta = ErasureDelta.load(args.delta)
     if os.path.exists(args.out):
         raise ValueError(f"{args.out!r} already exists; choose a new --out or remove it first.")
+    check_output_folder(os.path.dirname(os.path.abspath(args.out)), "--out")
     device = pick_device(args.device)
-    pipeline = load_pipeline(args.model or str(DEFAULT_MODEL_DIR), args.config, pick_dtype(args.dtype, device))
+    pipeline = load_pipeline(model_path(args), args.config, pick_dtype(args.dtype, device))
     apply_delta(pipeline.unet, delta, args.strength)
     if args.out.endswith(".safetensors"):
         from safetensors.torch import save_file
@@ -197,7 +221,7 @@ def run_apply(args) -> None:
         state = {name: tensor.contiguous() for name, tensor in pipeline.unet.state_dict().items()}
         write_atomically(args.out, lambda temp: save_file(state, temp, metadata={"erasure": delta.describe(), "strength": str(args.strength)}))
     else:
-        partial = os.path.join(os.path.dirname(os.path.abspath(args.out)), f".partial-{os.path.basename(args.out)}")
+        partial = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(os.path.abspath(args.out)))
         try:
             pipeline.save_pretrained(partial)
             os.replace(partial, args.out)
@@ -210,6 +234,9 @@ def run_eval(args) -> dict:
     from .tinyworld.evaluate import evaluate, format_table
 
     grid = args.grid or (os.path.splitext(args.json)[0] + "-grid.png" if args.json else None)
+    for path, flag, suffix in ((args.json, "--json", ""), (grid, "--grid", ".png")):
+        if path:
+            check_output_file(path, flag, suffix, overwrite=True)
     result = evaluate(args.model, args.concept, args.delta, n=args.n, seed=args.seed, grid_path=grid, strength=args.strength)
     print(format_table(result))
     if args.json:
@@ -229,6 +256,7 @@ def run_demo(args) -> None:
     method = args.method or tiny_world_method(concept)
     config = erase_config(args, concept, method)
     delta_path = os.path.join(args.out_dir, f"erase-{concept}-{config.method}.safetensors")
+    check_output_folder(args.out_dir, "--out-dir")
     erasure = train_with_progress(args, config)
     erasure.save(delta_path, SAVE_DTYPES[args.save_dtype])
     print(f"wrote {delta_path}: {erasure.describe()} in {time.perf_counter() - start:.0f} s")
@@ -241,6 +269,8 @@ def run_demo(args) -> None:
 def run_bench(args) -> None:
     from .bench import full_size_cases, measure, summarize, format_rows, tiny_world_bench
 
+    if not (args.random_weights or args.tiny_world):
+        raise ValueError("Nothing to measure: give --tiny-world, --random-weights sd1 (or sd2, sdxl), or both.")
     device = str(pick_device(args.device))
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
     report = {"device": device, "dtype": dtype}
@@ -262,14 +292,6 @@ def _write_json(path: str, data) -> None:
         json.dump(data, handle, indent=2)
 
 
-def _check_output_path(path: str, suffix: str) -> None:
-    if not path.endswith(suffix):
-        raise ValueError(f"--out {path!r} should end with {suffix}.")
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(folder) and not os.access(folder, os.W_OK):
-        raise ValueError(f"Cannot write to the folder {folder!r}; choose another --out.")
-
-
 COMMANDS = {
     "erase": run_erase,
     "apply": run_apply,
@@ -287,7 +309,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was written", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"esd-erase: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -58,8 +58,9 @@ class EraseConfig:
             raise ValueError(f"iterations must be a positive whole number, got {self.iterations}. Try 1000 (the paper's).")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"The learning rate must be a positive number, got {self.lr}. Try 1e-5 (the paper's).")
-        if not math.isfinite(self.eta):
-            raise ValueError(f"eta (negative guidance) must be a finite number, got {self.eta}. Try 1.0 (the paper's).")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta (negative guidance) must be a finite number >= 0 (a negative one would strengthen the concept), "
+                             f"got {self.eta}. Try 1.0 (the paper's).")
         if self.sample_steps <= 0:
             raise ValueError(f"sample_steps must be a positive whole number, got {self.sample_steps}. Try 50.")
         if not math.isfinite(self.sample_guidance):

@@ -42,6 +42,9 @@ class DiffusersHost(ErasureHost):
             encoder.to(self.device).requires_grad_(False)
         self.dtype = self.unet.dtype
         self.vae_scale_factor = pipeline.vae_scale_factor
+        if resolution is not None and (resolution <= 0 or resolution % self.vae_scale_factor):
+            raise ValueError(f"The resolution must be a positive multiple of {self.vae_scale_factor} pixels, got {resolution}; "
+                             "leave it out for the UNet's native size.")
         latent_size = resolution // self.vae_scale_factor if resolution else self.unet.config.sample_size
         self.latent_shape = (self.unet.config.in_channels, latent_size, latent_size)
         config = self.unet.config
@@ -81,7 +84,9 @@ class DiffusersHost(ErasureHost):
 
     @torch.no_grad()
     def encode(self, text: str):
-        warn_if_truncated(text, [t for t in (getattr(self.pipeline, "tokenizer", None), getattr(self.pipeline, "tokenizer_2", None)) if t])
+        tokenizers = [t for t in (getattr(self.pipeline, "tokenizer", None), getattr(self.pipeline, "tokenizer_2", None)) if t]
+        check_known_words(text, tokenizers)
+        warn_if_truncated(text, tokenizers)
         if self.is_sdxl:
             embeds, _, pooled, _ = self.pipeline.encode_prompt(text, device=self.device, do_classifier_free_guidance=False)
             return embeds, pooled
@@ -191,6 +196,16 @@ def _alphas_cumprod(scheduler) -> torch.Tensor:
     raise ValueError(f"The pipeline's scheduler {type(scheduler).__name__} has no alphas_cumprod; use a DDPM-family scheduler config.")
 
 
+def check_known_words(text: str, tokenizers) -> None:
+    """Refuse a text of which a tokenizer knows no word (possible with a small vocabulary such as the tiny world's):
+    the text encoder would read it as the empty prompt, which an erasure must not touch."""
+    for tokenizer in tokenizers:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if text.strip() and all(i == tokenizer.unk_token_id for i in ids):
+            raise ValueError(f"The text encoder knows no word of {text!r}, so it would read it as the empty prompt. "
+                             "Use words it knows (the tiny world knows its shapes and colours, their synonyms, a, shape, plain and striped).")
+
+
 def warn_if_truncated(text: str, tokenizers) -> None:
     """Warn, naming the words that will be ignored, when a prompt is longer than the text encoder reads."""
     for tokenizer in tokenizers:
@@ -210,6 +225,8 @@ def load_pipeline(path: str, config: str | None = None, dtype: torch.dtype = tor
     if not os.path.exists(path):
         raise FileNotFoundError(f"No model at {path!r}. Give a diffusers model folder or a .safetensors/.ckpt checkpoint.")
     if os.path.isdir(path):
+        if config:
+            raise ValueError(f"--config is only for a single-file checkpoint, and {path!r} is a folder; leave --config out.")
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise ValueError(f"{path!r} is a folder without model_index.json, so not a diffusers pipeline folder.")
         kwargs = {"safety_checker": None, "requires_safety_checker": False} if _pipeline_class(path) is StableDiffusionPipeline else {}

@@ -108,7 +108,22 @@ class ErasureDelta:
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except Exception as error:
             raise ValueError(f"{path!r} is not a readable safetensors erasure file: {error}") from error
-        return cls({ldm_name(key): tensor.float() for key, tensor in tensors.items()}, metadata)
+        try:
+            deltas = {ldm_name(key): tensor.float() for key, tensor in tensors.items()}
+        except ValueError as error:
+            raise ValueError(f"{path!r} is not an erasure delta file (a model's weights, or a LoRA?): {error}") from error
+        check_usable(path, deltas)
+        return cls(deltas, metadata)
+
+
+def check_usable(path: str, deltas: dict[str, torch.Tensor]) -> None:
+    """Refuse a delta file that holds no deltas, an empty tensor, or a NaN or infinite value: applying it would
+    leave the model unchanged or broken."""
+    if not deltas:
+        raise ValueError(f"{path!r} holds no deltas; train the erasure again.")
+    for name, tensor in deltas.items():
+        if tensor.numel() == 0 or not torch.isfinite(tensor).all():
+            raise ValueError(f"{path!r} is damaged: its delta for {name!r} is empty or not finite (NaN or infinite); train the erasure again.")
 
 
 def erasure_metadata(config_metadata: dict, family: str, base_fingerprint: str, parameter_count: int) -> dict[str, str]:
@@ -131,11 +146,19 @@ def write_atomically(path: str, write) -> None:
     os.close(handle)
     try:
         write(temp)
+        os.chmod(temp, _new_file_mode())  # mkstemp makes it private to its owner; a shared ComfyUI must read it
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
             os.remove(temp)
         raise
+
+
+def _new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def summary(delta: ErasureDelta) -> str:

@@ -101,7 +101,7 @@ class EraseConcept(io.ComfyNode):
                     tooltip="Adam learning rate. The paper uses 1e-5; esd-x on SDXL often needs more (e.g. 2e-4).",
                 ),
                 io.Float.Input(
-                    "negative_guidance", default=1.0, min=-100.0, max=100.0, step=0.1,
+                    "negative_guidance", default=1.0, min=0.0, max=100.0, step=0.1,
                     tooltip="eta in the paper: target = e(from) - eta * (e(concept) - e(empty)). The paper's 1.0 "
                     "equals 2.0 in the 2025 reference script's convention (its eta is this one plus 1).",
                 ),

@@ -160,3 +160,94 @@ def test_not_a_delta_file(tmp_path, capsys):
     bogus.write_text("nope")
     assert main(["info", str(bogus)]) == 2
     assert "is not a readable safetensors erasure file" in capsys.readouterr().err
+
+
+def test_existing_out_is_refused_before_training_unless_overwrite(tiny_folders, tmp_path, capsys, monkeypatch):
+    existing = tmp_path / "red.safetensors"
+    existing.write_bytes(b"keep me")
+    monkeypatch.setattr("esd_core.cli.train_with_progress", lambda *a: pytest.fail("trained before refusing --out"))
+    assert run_erase(tiny_folders["sd1"], existing) == 2
+    assert "already exists; choose a new path, or add --overwrite" in capsys.readouterr().err
+    assert existing.read_bytes() == b"keep me"
+    monkeypatch.undo()
+    assert run_erase(tiny_folders["sd1"], existing, "--overwrite") == 0
+    assert ErasureDelta.load(str(existing)).metadata["concept"] == "red"
+
+
+def test_a_file_of_the_input_model_is_never_replaced(tiny_folders, tmp_path, capsys):
+    weights = os.path.join(tiny_folders["sd1"], "unet", "diffusion_pytorch_model.safetensors")
+    before = open(weights, "rb").read()
+    assert run_erase(tiny_folders["sd1"], weights, "--overwrite") == 2
+    assert "is a file of the input model" in capsys.readouterr().err
+    assert open(weights, "rb").read() == before
+
+
+@pytest.mark.parametrize("case", ["folder", "under a file"])
+def test_unwritable_out_is_refused_before_training(tiny_folders, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr("esd_core.cli.train_with_progress", lambda *a: pytest.fail("trained before refusing --out"))
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder.safetensors").mkdir()
+    out = tmp_path / ("a_folder.safetensors" if case == "folder" else "a_file/sub/x.safetensors")
+    assert run_erase(tiny_folders["sd1"], out) == 2
+    assert ("is a folder; give the path of a file in it" if case == "folder" else "is a file, so no folder can be made there") in capsys.readouterr().err
+
+
+def test_written_files_are_readable_by_others(tiny_folders, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert run_erase(tiny_folders["sd1"], tmp_path / "red.safetensors") == 0
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "red.safetensors").st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("damage", ["nan", "no tensors", "model weights"])
+def test_damaged_or_foreign_delta_files_are_refused(tmp_path, capsys, damage):
+    path = tmp_path / "d.safetensors"
+    tensors = {
+        "nan": {"diffusion_model.out.2.diff": torch.tensor([1.0, float("nan")])},
+        "no tensors": {},
+        "model weights": {"conv_in.weight": torch.zeros(2)},
+    }[damage]
+    save_file(tensors, str(path))
+    assert main(["info", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert {"nan": "is damaged: its delta for 'out.2.weight' is empty or not finite", "no tensors": "holds no deltas",
+            "model weights": "is not an erasure delta file"}[damage] in error
+
+
+def test_eval_refuses_a_delta_for_another_model_before_drawing_images(tiny_folders, tmp_path, capsys, monkeypatch):
+    delta_path = tmp_path / "sd1.safetensors"
+    assert run_erase(tiny_folders["sd1"], delta_path) == 0
+    monkeypatch.setattr("esd_core.tinyworld.evaluate._run_groups", lambda *a: pytest.fail("drew images before refusing the delta"))
+    assert main(["eval", "--delta", str(delta_path), "--concept", "circle", "--n", "1"]) == 2
+    assert "cannot be applied" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments", [["eval", "--concept", "circle", "--n", "0"], ["eval", "--concept", "circle", "--strength", "nan"],
+                                       ["apply", "--delta", "d.safetensors", "--out", "o", "--strength", "inf"]])
+def test_bad_numbers_are_refused_by_the_parser(arguments, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(arguments)
+    assert exit.value.code == 2
+    assert "is not a" in capsys.readouterr().err
+
+
+def test_a_concept_the_tokenizer_does_not_know_is_refused(tmp_path, capsys):
+    assert main(["erase", "--concept", "猫 ÄÖ", "--iterations", "1", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "knows no word of '猫 ÄÖ', so it would read it as the empty prompt" in capsys.readouterr().err
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["bench"], "Nothing to measure"),
+    (["erase", "--concept", "red", "--resolution", "7"], "The resolution must be a positive multiple of"),
+    (["erase", "--concept", "red", "--config", "FOLDER"], "--config is only for a single-file checkpoint"),
+])
+def test_bad_options_get_one_line(tiny_folders, tmp_path, capsys, arguments, message):
+    arguments = [tiny_folders["sd1"] if a == "FOLDER" else a for a in arguments]
+    if arguments[0] == "erase":
+        arguments += ["--model", tiny_folders["sd1"], "--out", str(tmp_path / "x.safetensors"), *QUICK]
+    assert main(arguments) == 2
+    assert message in capsys.readouterr().err
+    assert files_in(tmp_path) == []

@@ -19,6 +19,9 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
 from esd_core import threads
+from esd_core.apply import applied_delta, check_fits
+from esd_core.diffusers_host import load_pipeline as load_model
+from esd_core.erasure_file import ErasureDelta
 
 from . import judge as judge_lib
 from . import world
@@ -30,8 +33,7 @@ BATCH_SIZE = 64
 
 def load_pipeline(model_dir=None):
     """The world's StableDiffusionPipeline (the shipped one for None) with a DDIM scheduler."""
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir or world.DEFAULT_MODEL_DIR),
-                                                   safety_checker=None, requires_safety_checker=False)
+    pipe = load_model(str(model_dir or world.DEFAULT_MODEL_DIR))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -155,14 +157,16 @@ def evaluate(model_dir, concept, delta_path=None, n=64, seed=0, grid_path=None, 
     intervals), plus a "summary" of the erased, synonym and mean other rates.
     """
     concept = world.canonical(concept)
+    if n < 1:
+        raise ValueError(f"n (images per prompt group) must be at least 1, got {n}.")
+    delta = None if delta_path is None else ErasureDelta.load(delta_path)
     pipe, judge = load_pipeline(model_dir), judge_lib.load_judge()
+    if delta is not None:
+        check_fits(pipe.unet, delta)  # before any image is drawn
     groups = prompt_groups(concept)
     before, images_before = _run_groups(pipe, judge, groups, n, seed)
     after, images_after = [None] * len(groups), None
-    if delta_path is not None:
-        from esd_core.apply import applied_delta
-        from esd_core.erasure_file import ErasureDelta
-        delta = ErasureDelta.load(delta_path)
+    if delta is not None:
         with applied_delta(pipe.unet, delta, strength=strength):
             after, images_after = _run_groups(pipe, judge, groups, n, seed)
     result = {
