@@ -11,6 +11,7 @@ import time
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as transformers_logging
 
 from .config import BENCH_CASES, BENCH_RANKS, MODES, SAMPLE_WITH_CHOICES, EraseConfig
 from .erasure_file import SAVE_DTYPES, ErasureDelta, summary, write_atomically
@@ -304,6 +305,7 @@ COMMANDS = {
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    transformers_logging.set_verbosity_error()  # its notices about optional packages (torchvision) are noise here
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
