@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 
 import torch
@@ -189,7 +190,7 @@ def train_with_progress(args, config: EraseConfig) -> ErasureDelta:
     device = pick_device(args.device)
     pipeline = load_pipeline(model_path(args), args.config, pick_dtype(args.dtype, device), with_vae=False)
     host = DiffusersHost(pipeline, device, args.resolution, args.gradient_checkpointing)
-    with tqdm(total=config.iterations, desc=f"erasing {config.concept!r}", unit="it") as bar:
+    with tqdm(total=config.iterations, desc=f"erasing {textwrap.shorten(config.concept, 40, placeholder='...')!r}", unit="it") as bar:
         def progress(iteration: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4g}")
             bar.update(1)
