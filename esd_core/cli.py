@@ -6,18 +6,17 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import textwrap
 import time
+import uuid
 
 import torch
 from tqdm.auto import tqdm
-from transformers.utils import logging as transformers_logging
 
 from .config import BENCH_CASES, BENCH_RANKS, MODES, SAMPLE_WITH_CHOICES, EraseConfig
 from .erasure_file import SAVE_DTYPES, ErasureDelta, summary, write_atomically
 from .methods import TRAIN_METHODS, method_choices, resolve_method
-from .output_paths import check_output_file, check_output_folder
+from .output_paths import check_new_folder, check_output_file, check_output_folder
 from .presets import PAPER, TINY_WORLD, TINY_WORLD_BY_METHOD, default_method, defaults_for, tiny_world_method
 from .tinyworld.world import DEFAULT_MODEL_DIR
 
@@ -200,7 +199,7 @@ def train_with_progress(args, config: EraseConfig) -> ErasureDelta:
 
 def run_erase(args) -> None:
     config = erase_config(args, args.concept, args.method or default_method(args.model, args.concept))
-    check_output_file(args.out, "--out", ".safetensors", args.overwrite, protected=model_path(args))
+    check_output_file(args.out, "--out", ".safetensors", args.overwrite, protected=(model_path(args),))
     erasure = train_with_progress(args, config)
     erasure.save(args.out, SAVE_DTYPES[args.save_dtype])
     print(f"wrote {args.out}: {erasure.describe()}, {erasure.metadata['trained_parameters']} parameters")
@@ -211,19 +210,23 @@ def run_apply(args) -> None:
     from .diffusers_host import load_pipeline
 
     delta = ErasureDelta.load(args.delta)
-    if os.path.exists(args.out):
-        raise ValueError(f"{args.out!r} already exists; choose a new --out or remove it first.")
-    check_output_folder(os.path.dirname(os.path.abspath(args.out)), "--out")
+    single_file = args.out.lower().endswith(".safetensors")
+    if single_file:
+        check_output_file(args.out, "--out")
+    else:
+        check_new_folder(args.out, "--out")
     device = pick_device(args.device)
     pipeline = load_pipeline(model_path(args), args.config, pick_dtype(args.dtype, device))
     apply_delta(pipeline.unet, delta, args.strength)
-    if args.out.endswith(".safetensors"):
+    if single_file:
         from safetensors.torch import save_file
 
         state = {name: tensor.contiguous() for name, tensor in pipeline.unet.state_dict().items()}
         write_atomically(args.out, lambda temp: save_file(state, temp, metadata={"erasure": delta.describe(), "strength": str(args.strength)}))
     else:
-        partial = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(os.path.abspath(args.out)))
+        parent, name = os.path.split(os.path.abspath(args.out.rstrip(os.sep)))
+        os.makedirs(parent, exist_ok=True)
+        partial = os.path.join(parent, f".partial-{uuid.uuid4().hex}-{name}")  # save_pretrained makes it, under the umask
         try:
             pipeline.save_pretrained(partial)
             os.replace(partial, args.out)
@@ -236,9 +239,10 @@ def run_eval(args) -> dict:
     from .tinyworld.evaluate import evaluate, format_table
 
     grid = args.grid or (os.path.splitext(args.json)[0] + "-grid.png" if args.json else None)
-    for path, flag, suffix in ((args.json, "--json", ""), (grid, "--grid", ".png")):
+    inputs = tuple(path for path in (model_path(args), args.delta) if path)
+    for path, flag, suffix in ((args.json, "--json", ""), (grid, "--grid" if args.grid else "--json (its grid)", ".png")):
         if path:
-            check_output_file(path, flag, suffix, overwrite=True)
+            check_output_file(path, flag, suffix, overwrite=True, protected=inputs)
     result = evaluate(args.model, args.concept, args.delta, n=args.n, seed=args.seed, grid_path=grid, strength=args.strength)
     print(format_table(result))
     if args.json:
@@ -306,7 +310,6 @@ COMMANDS = {
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    transformers_logging.set_verbosity_error()  # its notices about optional packages (torchvision) are noise here
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -229,8 +229,11 @@ def load_pipeline(path: str, config: str | None = None, dtype: torch.dtype = tor
             raise ValueError(f"--config is only for a single-file checkpoint, and {path!r} is a folder; leave --config out.")
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise ValueError(f"{path!r} is a folder without model_index.json, so not a diffusers pipeline folder.")
-        kwargs = {"safety_checker": None, "requires_safety_checker": False} if _pipeline_class(path) is StableDiffusionPipeline else {}
-        return DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+        try:
+            kwargs = {"safety_checker": None, "requires_safety_checker": False} if _pipeline_class(path) is StableDiffusionPipeline else {}
+            return DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+        except Exception as error:
+            raise ValueError(f"Could not load the model folder {path!r} (a damaged or missing file in it?): {error}") from error
     if not path.lower().endswith(SINGLE_FILE_SUFFIXES):
         raise ValueError(f"{path!r} is neither a diffusers folder nor a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}).")
     if config and not os.path.isfile(os.path.join(config, "model_index.json")):

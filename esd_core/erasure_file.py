@@ -7,8 +7,8 @@ the layout ComfyUI's stock LoRA loader applies, so an erasure loads anywhere Com
 import hashlib
 import json
 import os
-import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -116,14 +116,18 @@ class ErasureDelta:
         return cls(deltas, metadata)
 
 
+class DamagedErasureError(ValueError):
+    """An erasure file in the right format whose contents cannot be applied."""
+
+
 def check_usable(path: str, deltas: dict[str, torch.Tensor]) -> None:
     """Refuse a delta file that holds no deltas, an empty tensor, or a NaN or infinite value: applying it would
     leave the model unchanged or broken."""
     if not deltas:
-        raise ValueError(f"{path!r} holds no deltas; train the erasure again.")
+        raise DamagedErasureError(f"{path!r} holds no deltas; train the erasure again.")
     for name, tensor in deltas.items():
         if tensor.numel() == 0 or not torch.isfinite(tensor).all():
-            raise ValueError(f"{path!r} is damaged: its delta for {name!r} is empty or not finite (NaN or infinite); train the erasure again.")
+            raise DamagedErasureError(f"{path!r} is damaged: its delta for {name!r} is empty or not finite (NaN or infinite); train the erasure again.")
 
 
 def erasure_metadata(config_metadata: dict, family: str, base_fingerprint: str, parameter_count: int) -> dict[str, str]:
@@ -142,11 +146,13 @@ def write_atomically(path: str, write) -> None:
     """Call ``write(temp_path)`` on a temp file beside ``path``, then rename it over ``path``; no partial file on failure."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".partial-", suffix=os.path.splitext(path)[1], dir=folder)
+    temp = os.path.join(folder, f".partial-{uuid.uuid4().hex}{os.path.splitext(path)[1]}")
+    handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
+    mode = os.fstat(handle).st_mode & 0o777
     os.close(handle)
     try:
         write(temp)
-        os.chmod(temp, _new_file_mode())  # mkstemp makes it private to its owner; a shared ComfyUI must read it
+        _restore_mode(temp, mode)
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
@@ -154,11 +160,14 @@ def write_atomically(path: str, write) -> None:
         raise
 
 
-def _new_file_mode() -> int:
-    """The permissions ``open()`` gives a new file under this process's umask (0644 under the usual 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _restore_mode(path: str, mode: int) -> None:
+    """Give a written file back the permissions it was created with (safetensors rewrites its files owner-only), so
+    that a ComfyUI server running as another user can read it; where the file system refuses, leave it as it is."""
+    try:
+        if os.stat(path).st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+    except OSError:
+        pass
 
 
 def summary(delta: ErasureDelta) -> str:

@@ -17,7 +17,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from ..esd_core.config import MODES, SAMPLE_WITH_CHOICES, EraseConfig
-from ..esd_core.erasure_file import SAVE_DTYPES, ErasureDelta, fingerprint
+from ..esd_core.erasure_file import SAVE_DTYPES, DamagedErasureError, ErasureDelta, fingerprint
 from ..esd_core.esd import NonFiniteLossError, erase
 from ..esd_core.methods import TRAIN_METHODS
 from .comfy_host import PREFIX, ComfyErasureHost, family_of, is_sdxl, unet_tensors
@@ -316,6 +316,8 @@ class ApplyErasure(io.ComfyNode):
             path = folder_paths.get_full_path_or_raise(FOLDER, erasure_file)
             try:
                 erasure = ErasureDelta.load(path)
+            except DamagedErasureError:
+                raise
             except ValueError as error:
                 raise ValueError(
                     f"{erasure_file} is not an erasure delta ({error}). Files of full or partial UNet weights load "

@@ -10,6 +10,7 @@ from esd_core.cli import main
 from esd_core.diffusers_host import DiffusersHost, load_pipeline
 from esd_core.erasure_file import ErasureDelta
 from esd_core.keys import diffusers_to_ldm_names
+from esd_core.output_paths import check_output_file
 
 QUICK = ["--iterations", "2", "--lr", "1e-3", "--sample-steps", "4", "--device", "cpu"]
 
@@ -178,7 +179,7 @@ def test_a_file_of_the_input_model_is_never_replaced(tiny_folders, tmp_path, cap
     weights = os.path.join(tiny_folders["sd1"], "unet", "diffusion_pytorch_model.safetensors")
     before = open(weights, "rb").read()
     assert run_erase(tiny_folders["sd1"], weights, "--overwrite") == 2
-    assert "is a file of the input model" in capsys.readouterr().err
+    assert "is a file of the input" in capsys.readouterr().err
     assert open(weights, "rb").read() == before
 
 
@@ -189,7 +190,7 @@ def test_unwritable_out_is_refused_before_training(tiny_folders, tmp_path, capsy
     (tmp_path / "a_folder.safetensors").mkdir()
     out = tmp_path / ("a_folder.safetensors" if case == "folder" else "a_file/sub/x.safetensors")
     assert run_erase(tiny_folders["sd1"], out) == 2
-    assert ("is a folder; give the path of a file in it" if case == "folder" else "is a file, so no folder can be made there") in capsys.readouterr().err
+    assert ("is a folder; give the path of a file in it" if case == "folder" else "is not a folder, so none can be made there") in capsys.readouterr().err
 
 
 def test_written_files_are_readable_by_others(tiny_folders, tmp_path):
@@ -201,18 +202,21 @@ def test_written_files_are_readable_by_others(tiny_folders, tmp_path):
     assert os.stat(tmp_path / "red.safetensors").st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("damage", ["nan", "no tensors", "model weights"])
+@pytest.mark.parametrize("damage", ["nan", "inf", "empty tensor", "no tensors", "model weights"])
 def test_damaged_or_foreign_delta_files_are_refused(tmp_path, capsys, damage):
     path = tmp_path / "d.safetensors"
     tensors = {
         "nan": {"diffusion_model.out.2.diff": torch.tensor([1.0, float("nan")])},
+        "inf": {"diffusion_model.out.2.diff": torch.tensor([float("-inf")])},
+        "empty tensor": {"diffusion_model.out.2.diff": torch.zeros(0)},
         "no tensors": {},
         "model weights": {"conv_in.weight": torch.zeros(2)},
     }[damage]
     save_file(tensors, str(path))
     assert main(["info", str(path)]) == 2
     error = capsys.readouterr().err
-    assert {"nan": "is damaged: its delta for 'out.2.weight' is empty or not finite", "no tensors": "holds no deltas",
+    damaged = "is damaged: its delta for 'out.2.weight' is empty or not finite"
+    assert {"nan": damaged, "inf": damaged, "empty tensor": damaged, "no tensors": "holds no deltas",
             "model weights": "is not an erasure delta file"}[damage] in error
 
 
@@ -224,17 +228,21 @@ def test_eval_refuses_a_delta_for_another_model_before_drawing_images(tiny_folde
     assert "cannot be applied" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arguments", [["eval", "--concept", "circle", "--n", "0"], ["eval", "--concept", "circle", "--strength", "nan"],
-                                       ["apply", "--delta", "d.safetensors", "--out", "o", "--strength", "inf"]])
-def test_bad_numbers_are_refused_by_the_parser(arguments, capsys):
+@pytest.mark.parametrize("arguments, message", [
+    (["eval", "--concept", "circle", "--n", "0"], "'0' is not a whole number of at least 1"),
+    (["eval", "--concept", "circle", "--strength", "nan"], "'nan' is not a finite number"),
+    (["apply", "--delta", "d.safetensors", "--out", "o", "--strength", "inf"], "'inf' is not a finite number"),
+    (["bench", "--tiny-world", "--iterations", "0"], "'0' is not a whole number of at least 1"),
+])
+def test_bad_numbers_are_refused_by_the_parser(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit:
         main(arguments)
     assert exit.value.code == 2
-    assert "is not a" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_a_concept_the_tokenizer_does_not_know_is_refused(tmp_path, capsys):
-    assert main(["erase", "--concept", "猫 ÄÖ", "--iterations", "1", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert main(["erase", "--concept", "猫 ÄÖ", "--iterations", "1", "--device", "cpu", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "knows no word of '猫 ÄÖ', so it would read it as the empty prompt" in capsys.readouterr().err
     assert files_in(tmp_path) == []
 
@@ -251,3 +259,37 @@ def test_bad_options_get_one_line(tiny_folders, tmp_path, capsys, arguments, mes
     assert main(arguments) == 2
     assert message in capsys.readouterr().err
     assert files_in(tmp_path) == []
+
+
+def test_apply_makes_missing_parent_folders_with_the_usual_permissions(tiny_folders, tmp_path):
+    delta_path = tmp_path / "red.safetensors"
+    assert run_erase(tiny_folders["sd1"], delta_path) == 0
+    out = tmp_path / "new" / "sub" / "model"
+    previous = os.umask(0o022)
+    try:
+        assert main(["apply", "--model", tiny_folders["sd1"], "--delta", str(delta_path), "--out", str(out)]) == 0
+    finally:
+        os.umask(previous)
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    assert "model_index.json" in files_in(out) and files_in(out.parent) == ["model"]
+
+
+def test_a_model_file_reached_through_links_is_protected(tmp_path):
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "abc").write_bytes(b"weights")
+    snapshot = tmp_path / "snapshots" / "1"
+    (snapshot / "unet").mkdir(parents=True)
+    (snapshot / "unet" / "w.safetensors").symlink_to(tmp_path / "blobs" / "abc")
+    (tmp_path / "model").symlink_to(snapshot)
+    for out, model in ((snapshot / "unet" / "w.safetensors", snapshot), (tmp_path / "model" / "unet" / "w.safetensors", tmp_path / "model")):
+        with pytest.raises(ValueError, match="is a file of the input"):
+            check_output_file(str(out), "--out", ".safetensors", overwrite=True, protected=(str(model),))
+
+
+def test_eval_never_writes_over_its_delta(tiny_folders, tmp_path, capsys, monkeypatch):
+    delta_path = tmp_path / "red.safetensors"
+    assert run_erase(tiny_folders["sd1"], delta_path) == 0
+    monkeypatch.setattr("esd_core.tinyworld.evaluate.evaluate", lambda *a, **k: pytest.fail("evaluated before refusing --json"))
+    assert main(["eval", "--delta", str(delta_path), "--concept", "circle", "--json", str(delta_path)]) == 2
+    assert "is a file of the input" in capsys.readouterr().err
+    assert ErasureDelta.load(str(delta_path)).metadata["concept"] == "red"

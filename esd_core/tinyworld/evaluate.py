@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from esd_core import threads
 from esd_core.apply import applied_delta, check_fits
-from esd_core.diffusers_host import load_pipeline as load_model
+from esd_core.diffusers_host import load_pipeline as load_diffusers_pipeline
 from esd_core.erasure_file import ErasureDelta
 
 from . import judge as judge_lib
@@ -33,7 +33,7 @@ BATCH_SIZE = 64
 
 def load_pipeline(model_dir=None):
     """The world's StableDiffusionPipeline (the shipped one for None) with a DDIM scheduler."""
-    pipe = load_model(str(model_dir or world.DEFAULT_MODEL_DIR))
+    pipe = load_diffusers_pipeline(str(model_dir or world.DEFAULT_MODEL_DIR))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
