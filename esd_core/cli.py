@@ -32,7 +32,10 @@ def tiny_world_default(field: str) -> str:
 
 def finite_float(text: str) -> float:
     """An argparse type: a float that is neither NaN nor infinite."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
@@ -40,7 +43,10 @@ def finite_float(text: str) -> float:
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return value
