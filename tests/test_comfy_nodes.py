@@ -130,6 +130,10 @@ def test_apply_refuses_a_delta_for_another_family_or_shape(env, loaded, trained)
     save_file({"input_blocks.1.1.proj_in.weight": torch.zeros(1)}, os.path.join(env["erasures"], "a-unet-file.safetensors"))
     with pytest.raises(ValueError, match="Load Erased UNet"):
         apply.execute(model=model, erasure_file="a-unet-file.safetensors", strength=1.0)
+    save_file({"diffusion_model.out.2.diff": torch.tensor([float("nan")])}, os.path.join(env["erasures"], "damaged.safetensors"))
+    with pytest.raises(ValueError, match="is damaged") as refused:
+        apply.execute(model=model, erasure_file="damaged.safetensors", strength=1.0)
+    assert "Load Erased UNet" not in str(refused.value)
 
 
 def test_bad_training_inputs_give_clear_errors(env, loaded):
