@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import BENCH_CASES, BENCH_RANKS, MODES, SAMPLE_WITH_CHOICES, EraseConfig
-from .erasure_file import SAVE_DTYPES, ErasureDelta, summary, write_atomically
+from .erasure_file import SAVE_DTYPES, ErasureDelta, check_usable, summary, write_atomically
 from .methods import TRAIN_METHODS, method_choices, resolve_method
 from .output_paths import check_new_folder, check_output_file, check_output_folder
 from .presets import PAPER, TINY_WORLD, TINY_WORLD_BY_METHOD, default_method, defaults_for, tiny_world_method
@@ -241,6 +241,13 @@ def run_apply(args) -> None:
     print(f"wrote {args.out}: {delta.describe()} at strength {args.strength}")
 
 
+def run_info(args) -> None:
+    """Print a delta file's metadata and tensors; a damaged one too, before saying what is wrong with it."""
+    delta = ErasureDelta.load(args.file, check=False)
+    print(summary(delta))
+    check_usable(args.file, delta.deltas)
+
+
 def run_eval(args) -> dict:
     from .tinyworld.evaluate import evaluate, format_table
 
@@ -307,7 +314,7 @@ def _write_json(path: str, data) -> None:
 COMMANDS = {
     "erase": run_erase,
     "apply": run_apply,
-    "info": lambda args: print(summary(ErasureDelta.load(args.file))),
+    "info": run_info,
     "eval": run_eval,
     "demo": run_demo,
     "bench": run_bench,

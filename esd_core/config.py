@@ -19,6 +19,8 @@ MODES = ("fast", "reference")
 BENCH_CASES = ("fast", "reference", "checkpointing", "two-unet")
 BENCH_RANKS = {"esd-x": 0, "esd-u": 8}
 
+MAX_SEED = 2**64 - 1  # the largest seed torch's generators take (and ComfyUI's seed widgets give)
+
 
 @dataclass(frozen=True)
 class EraseConfig:
@@ -51,9 +53,10 @@ class EraseConfig:
         if not parse_concepts(self.concept):
             raise ValueError("The concept is empty. Give the text to erase, e.g. --concept 'Van Gogh' (comma-separate several).")
         concept_pairs(self.concept, self.erase_from)  # raises on a length mismatch
-        erased_and_kept = set(parse_concepts(self.concept)) & set(parse_concepts(self.preserve))
+        erased = {prompt_key(text) for text in parse_concepts(self.concept)}
+        erased_and_kept = [text for text in parse_concepts(self.preserve) if prompt_key(text) in erased]
         if erased_and_kept:
-            raise ValueError(f"{sorted(erased_and_kept)} is both erased and preserved. Remove it from --preserve.")
+            raise ValueError(f"{erased_and_kept} is both erased and preserved. Remove it from --preserve.")
         if self.iterations <= 0:
             raise ValueError(f"iterations must be a positive whole number, got {self.iterations}. Try 1000 (the paper's).")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -91,6 +94,8 @@ class EraseConfig:
                              "or turn the orthogonal push off.")
         if self.sample_with not in SAMPLE_WITH_CHOICES:
             raise ValueError(f"sample_with must be one of {SAMPLE_WITH_CHOICES}, got {self.sample_with!r}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED} (2**64 - 1), got {self.seed}.")
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -128,6 +133,11 @@ class EraseConfig:
 def parse_concepts(text: str) -> list[str]:
     """Split a comma-separated list, dropping blanks."""
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def prompt_key(text: str) -> str:
+    """A text as CLIP's tokenizers read it, which ignore case and repeated spaces: "Van  Gogh" is "van gogh"."""
+    return " ".join(text.lower().split())
 
 
 def concept_pairs(concept: str, erase_from: str = "") -> list[tuple[str, str]]:

@@ -98,8 +98,9 @@ class ErasureDelta:
         write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
 
     @classmethod
-    def load(cls, path: str) -> "ErasureDelta":
-        """Read a delta file; the tensors come back as fp32."""
+    def load(cls, path: str, check: bool = True) -> "ErasureDelta":
+        """Read a delta file; the tensors come back as fp32. ``check=False`` also returns a damaged one (``check_usable``),
+        for inspection."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No erasure file at {path!r}. Give the path of a .safetensors delta.")
         try:
@@ -112,7 +113,8 @@ class ErasureDelta:
             deltas = {ldm_name(key): tensor.float() for key, tensor in tensors.items()}
         except ValueError as error:
             raise ValueError(f"{path!r} is not an erasure delta file (a model's weights, or a LoRA?): {error}") from error
-        check_usable(path, deltas)
+        if check:
+            check_usable(path, deltas)
         return cls(deltas, metadata)
 
 
@@ -176,5 +178,6 @@ def summary(delta: ErasureDelta) -> str:
     total = sum(t.numel() for t in delta.deltas.values())
     lines.append(f"{len(delta.deltas)} tensors, {total:,} values")
     for name, tensor in sorted(delta.deltas.items()):
-        lines.append(f"  {name:80s} {str(tuple(tensor.shape)):>20s}  |delta| max {tensor.abs().max().item():.3e}")
+        size = f"|delta| max {tensor.abs().max().item():.3e}" if tensor.numel() else "empty"
+        lines.append(f"  {name:80s} {str(tuple(tensor.shape)):>20s}  {size}")
     return "\n".join(lines)

@@ -20,6 +20,8 @@ class TrajectoryState(NamedTuple):
 
 def ddim_scheduler(alphas_cumprod: torch.Tensor, sample_steps: int) -> DDIMScheduler:
     """A DDIM scheduler on the host's own noise schedule, with SD's step placement (981, 961, ..., 1 for 50 steps)."""
+    if sample_steps >= len(alphas_cumprod):  # SD's placement starts at timestep 1, so 1000 steps would need timestep 1000
+        raise ValueError(f"sample_steps must be below the model's {len(alphas_cumprod)} training timesteps, got {sample_steps}. Try 50.")
     alphas_cumprod = alphas_cumprod.double().cpu()
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     betas = 1.0 - alphas_cumprod / previous

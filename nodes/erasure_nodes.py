@@ -106,7 +106,7 @@ class EraseConcept(io.ComfyNode):
                     "equals 2.0 in the 2025 reference script's convention (its eta is this one plus 1).",
                 ),
                 io.Int.Input(
-                    "sample_steps", default=50, min=1, max=1000,
+                    "sample_steps", default=50, min=1, max=999,
                     tooltip="DDIM steps of the schedule that x_t is drawn from; each iteration runs a random number of them.",
                 ),
                 io.Float.Input(

@@ -212,9 +212,12 @@ def test_damaged_or_foreign_delta_files_are_refused(tmp_path, capsys, damage):
         "no tensors": {},
         "model weights": {"conv_in.weight": torch.zeros(2)},
     }[damage]
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata={"concept": "red"})
     assert main(["info", str(path)]) == 2
-    error = capsys.readouterr().err
+    printed, error = capsys.readouterr()
+    if damage != "model weights":  # info shows what a damaged delta file holds before saying what is wrong
+        assert '"concept": "red"' in printed
+        assert {"nan": "|delta| max nan", "inf": "|delta| max inf", "empty tensor": "empty", "no tensors": "0 tensors"}[damage] in printed
     damaged = "is damaged: its delta for 'out.2.weight' is empty or not finite"
     assert {"nan": damaged, "inf": damaged, "empty tensor": damaged, "no tensors": "holds no deltas",
             "model weights": "is not an erasure delta file"}[damage] in error
@@ -251,11 +254,14 @@ def test_a_concept_the_tokenizer_does_not_know_is_refused(tmp_path, capsys):
     (["bench"], "Nothing to measure"),
     (["erase", "--concept", "red", "--resolution", "7"], "The resolution must be a positive multiple of"),
     (["erase", "--concept", "red", "--config", "FOLDER"], "--config is only for a single-file checkpoint"),
+    (["erase", "--concept", "red", "--seed", str(2**64)], "seed must be a whole number from 0 to 18446744073709551615"),
+    (["erase", "--concept", "red", "--sample-steps", "1000"], "sample_steps must be below the model's 1000 training timesteps"),
+    (["eval", "--concept", "circle", "--n", "2", "--seed", str(2**64 - 1)], "seed must be from 0 to 18446744073709551614"),
 ])
 def test_bad_options_get_one_line(tiny_folders, tmp_path, capsys, arguments, message):
     arguments = [tiny_folders["sd1"] if a == "FOLDER" else a for a in arguments]
     if arguments[0] == "erase":
-        arguments += ["--model", tiny_folders["sd1"], "--out", str(tmp_path / "x.safetensors"), *QUICK]
+        arguments = ["erase", "--model", tiny_folders["sd1"], "--out", str(tmp_path / "x.safetensors"), *QUICK, *arguments[1:]]
     assert main(arguments) == 2
     assert message in capsys.readouterr().err
     assert files_in(tmp_path) == []

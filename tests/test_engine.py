@@ -291,6 +291,8 @@ def test_sample_with_picks_the_model_that_samples_each_streams_x_t(tiny_folders,
 def test_preserving_the_erased_concept_is_refused():
     with pytest.raises(ValueError, match="both erased and preserved"):
         quick_config(concept="red, blue", preserve="green, blue")
+    with pytest.raises(ValueError, match=r"\['Van  Gogh'\] is both erased and preserved"):  # the tokenizer ignores case and spaces
+        quick_config(concept="red, van gogh", preserve="green, Van  Gogh")
 
 
 def test_low_rank_delta_is_a_product_and_saves_full_shape(tiny_folders):

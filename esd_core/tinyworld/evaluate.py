@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from esd_core import threads
 from esd_core.apply import applied_delta, check_fits
+from esd_core.config import MAX_SEED
 from esd_core.diffusers_host import load_pipeline as load_diffusers_pipeline
 from esd_core.erasure_file import ErasureDelta
 
@@ -159,6 +160,8 @@ def evaluate(model_dir, concept, delta_path=None, n=64, seed=0, grid_path=None, 
     concept = world.canonical(concept)
     if n < 1:
         raise ValueError(f"n (images per prompt group) must be at least 1, got {n}.")
+    if not 0 <= seed <= MAX_SEED - (n - 1):
+        raise ValueError(f"seed must be from 0 to {MAX_SEED - (n - 1)} (image i takes seed + i, at most 2**64 - 1), got {seed}.")
     delta = None if delta_path is None else ErasureDelta.load(delta_path)
     pipe, judge = load_pipeline(model_dir), judge_lib.load_judge()
     if delta is not None:
