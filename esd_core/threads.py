@@ -6,6 +6,7 @@ with one intra-op thread apiece (``docs/benchmarks/eval_threads.py``; README, "S
 images come out bit-identical.
 """
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,13 +21,20 @@ def split_rows(rows: int, parts: int) -> list[slice]:
     return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
-def map_in_threads(fn: Callable, parts: list) -> list:
+def map_in_threads(fn: Callable, parts: list, stop: threading.Event | None = None) -> list:
     """``fn`` over ``parts``, ``WORKERS`` at a time in their own threads, each thread with its share of torch's
-    intra-op threads (new threads take torch's setting of the moment); the results in order."""
+    intra-op threads (new threads take torch's setting of the moment); the results in order. If the caller is
+    interrupted (Ctrl-C) or a part fails, ``stop`` is set before the threads are waited for, so that ``fn`` can
+    end early rather than run its part to the end."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // WORKERS))
     try:
         with ThreadPoolExecutor(WORKERS) as pool:
-            return list(pool.map(fn, parts))
+            try:
+                return list(pool.map(fn, parts))
+            except BaseException:
+                if stop is not None:
+                    stop.set()
+                raise
     finally:
         torch.set_num_threads(threads)

@@ -1,6 +1,7 @@
 """Tests of the tiny world: drawing, tokenizer, shipped pipeline and the erasure benchmark."""
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ def test_generation_split_between_threads_gives_each_seed_the_image_one_call_giv
     split = evaluate.generate(pipe, prompts, seeds)  # batches of 3 and 2, each split in two
     assert split.shape == (5, 3, 32, 32)
     for i in (0, 4):
-        alone = evaluate._images(pipe, slice(i, i + 1), prompts, seeds).float()
+        alone = evaluate._images(pipe, slice(i, i + 1), prompts, seeds, threading.Event()).float()
         assert torch.allclose(split[i : i + 1], alone, atol=1e-5)
     assert not torch.allclose(split[0], split[1], atol=1e-2)
     calls = []
@@ -95,6 +96,33 @@ def test_generation_split_between_threads_gives_each_seed_the_image_one_call_giv
     evaluate.generate(pipe, prompts, seeds)
     assert sorted((rows.start, rows.stop) for _, rows in calls) == [(0, 2), (2, 3), (3, 4), (4, 5)]  # threads finish in any order
     assert len({pipe_id for pipe_id, _ in calls}) == threads.WORKERS
+
+
+def test_when_one_thread_of_a_generation_fails_the_other_stops_within_a_step(monkeypatch):
+    """So that Ctrl-C during an evaluation ends it in about a step, not after the other thread's whole batch."""
+    monkeypatch.setattr(evaluate, "STEPS", 400)
+    pipe = evaluate.load_pipeline()
+    unet_calls, sampling_started = [], threading.Event()
+    forward = pipe.unet.forward
+
+    def counted_forward(*args, **kwargs):
+        unet_calls.append(1)
+        sampling_started.set()
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", counted_forward)
+    images = evaluate._images
+
+    def first_part_fails(pipe, rows, *rest):
+        if rows.start == 0:
+            sampling_started.wait(timeout=60)  # the other part is sampling by now
+            raise RuntimeError("stand-in for Ctrl-C")
+        return images(pipe, rows, *rest)
+
+    monkeypatch.setattr(evaluate, "_images", first_part_fails)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        evaluate.generate(pipe, ["a red circle", "a blue star"], [0, 1])
+    assert 1 <= len(unet_calls) <= 3  # without the stop flag: all 400 steps
 
 
 def test_prompt_groups_avoid_the_erased_concept():

@@ -11,6 +11,7 @@ Sampling: DDIM, 25 steps, classifier-free guidance 5.0 (strong enough for a 2-la
 to steer reliably, low enough not to saturate colours).
 """
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -46,19 +47,26 @@ def generate(pipe, prompts, seeds):
     threads, each batch runs as two threads on half its images each (``esd_core.threads``)."""
     workers = threads.WORKERS if torch.get_num_threads() >= threads.WORKERS else 1
     pipes = [pipe] + [_with_own_scheduler(pipe) for _ in range(workers - 1)]
+    stop = threading.Event()
     out = []
     for start in range(0, len(prompts), BATCH_SIZE):
         batch = slice(start, min(start + BATCH_SIZE, len(prompts)))
         parts = [slice(batch.start + rows.start, batch.start + rows.stop) for rows in threads.split_rows(batch.stop - batch.start, workers)]
-        out += threads.map_in_threads(lambda job: _images(*job, prompts, seeds), list(zip(pipes, parts)))
+        out += threads.map_in_threads(lambda job: _images(*job, prompts, seeds, stop), list(zip(pipes, parts)), stop)
     return torch.cat(out).float()
 
 
-def _images(pipe, rows: slice, prompts, seeds) -> torch.Tensor:
-    """One sampling call for the prompts and seeds of ``rows``: images (n, 3, 32, 32)."""
+def _images(pipe, rows: slice, prompts, seeds, stop: threading.Event) -> torch.Tensor:
+    """One sampling call for the prompts and seeds of ``rows``: images (n, 3, 32, 32). Once ``stop`` is set (Ctrl-C
+    in the main thread), the call skips its remaining steps, as diffusers' interrupt flag does."""
+
+    def stop_if_asked(pipeline, step, timestep, outputs):
+        pipeline._interrupt = stop.is_set()
+        return outputs
+
     generators = [torch.Generator().manual_seed(s) for s in seeds[rows]]
     images = pipe(prompt=list(prompts[rows]), num_inference_steps=STEPS, guidance_scale=GUIDANCE_SCALE,
-                  generator=generators, output_type="np").images
+                  generator=generators, output_type="np", callback_on_step_end=stop_if_asked).images
     return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
