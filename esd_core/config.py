@@ -52,11 +52,11 @@ class EraseConfig:
         object.__setattr__(self, "method", resolve_method(self.method))
         if not parse_concepts(self.concept):
             raise ValueError("The concept is empty. Give the text to erase, e.g. --concept 'Van Gogh' (comma-separate several).")
-        concept_pairs(self.concept, self.erase_from)  # raises on a length mismatch
-        erased = {prompt_key(text) for text in parse_concepts(self.concept)}
-        erased_and_kept = [text for text in parse_concepts(self.preserve) if prompt_key(text) in erased]
+        trained_texts = {prompt_key(source) for _, source in concept_pairs(self.concept, self.erase_from)}  # raises on a length mismatch
+        erased_and_kept = [text for text in parse_concepts(self.preserve) if prompt_key(text) in trained_texts]
         if erased_and_kept:
-            raise ValueError(f"{erased_and_kept} is both erased and preserved. Remove it from --preserve.")
+            raise ValueError(f"{erased_and_kept} is both erased and preserved (the erasure changes the model's prediction for the "
+                             "text it erases from: the concept, or erase_from). Remove it from --preserve.")
         if self.iterations <= 0:
             raise ValueError(f"iterations must be a positive whole number, got {self.iterations}. Try 1000 (the paper's).")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -136,8 +136,8 @@ def parse_concepts(text: str) -> list[str]:
 
 
 def prompt_key(text: str) -> str:
-    """A text as CLIP's tokenizers read it, which ignore case and repeated spaces: "Van  Gogh" is "van gogh"."""
-    return " ".join(text.lower().split())
+    """A text as CLIP's tokenizers read it, which lower-case each character and collapse spaces: "Van  Gogh" is "van gogh"."""
+    return " ".join("".join(character.lower() for character in text).split())
 
 
 def concept_pairs(concept: str, erase_from: str = "") -> list[tuple[str, str]]:

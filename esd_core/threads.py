@@ -8,7 +8,7 @@ images come out bit-identical.
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import torch
 
@@ -30,11 +30,17 @@ def map_in_threads(fn: Callable, parts: list, stop: threading.Event | None = Non
     torch.set_num_threads(max(1, threads // WORKERS))
     try:
         with ThreadPoolExecutor(WORKERS) as pool:
+            futures = [pool.submit(fn, part) for part in parts]
             try:
-                return list(pool.map(fn, parts))
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    future.result()  # a failed part raises here, before the parts still running are waited for
+                return [future.result() for future in futures]
             except BaseException:
                 if stop is not None:
                     stop.set()
+                for future in futures:
+                    future.cancel()
                 raise
     finally:
         torch.set_num_threads(threads)

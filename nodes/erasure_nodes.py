@@ -107,7 +107,8 @@ class EraseConcept(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "sample_steps", default=50, min=1, max=999,
-                    tooltip="DDIM steps of the schedule that x_t is drawn from; each iteration runs a random number of them.",
+                    tooltip="DDIM steps of the schedule that x_t is drawn from; each iteration runs a random number of them. "
+                    "A count that divides 1000 (e.g. 50) starts the schedule nearest pure noise.",
                 ),
                 io.Float.Input(
                     "sample_guidance", default=3.0, min=0.0, max=100.0, step=0.1,

@@ -293,6 +293,9 @@ def test_preserving_the_erased_concept_is_refused():
         quick_config(concept="red, blue", preserve="green, blue")
     with pytest.raises(ValueError, match=r"\['Van  Gogh'\] is both erased and preserved"):  # the tokenizer ignores case and spaces
         quick_config(concept="red, van gogh", preserve="green, Van  Gogh")
+    with pytest.raises(ValueError, match=r"\['Painting'\] is both erased and preserved"):  # erase_from's prediction is the one trained
+        quick_config(concept="van gogh", erase_from="painting", preserve="Painting")
+    quick_config(concept="van gogh", erase_from="painting", preserve="van gogh")  # the concept's own prediction is not trained
 
 
 def test_low_rank_delta_is_a_product_and_saves_full_shape(tiny_folders):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from esd_core import threads
 from esd_core.tinyworld import evaluate, judge, world
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -75,11 +76,13 @@ def test_shipped_pipeline_loads_offline_and_generates():
     assert np.isfinite(out.images).all()
 
 
+needs_two_threads = pytest.mark.skipif(torch.get_num_threads() < threads.WORKERS, reason="the evaluation splits its batches only with 2+ CPU threads")
+
+
+@needs_two_threads
 def test_generation_split_between_threads_gives_each_seed_the_image_one_call_gives(monkeypatch):
     """The evaluation samples each batch as two threads on part of its images (each with its own scheduler);
     an image depends only on its prompt and seed, not on the batch or thread it was drawn in."""
-    from esd_core import threads
-
     monkeypatch.setattr(evaluate, "STEPS", 3)
     monkeypatch.setattr(evaluate, "BATCH_SIZE", 3)
     pipe = evaluate.load_pipeline()
@@ -98,6 +101,20 @@ def test_generation_split_between_threads_gives_each_seed_the_image_one_call_giv
     assert len({pipe_id for pipe_id, _ in calls}) == threads.WORKERS
 
 
+def test_a_failing_part_stops_the_parts_still_running_whichever_it_is():
+    stop, part_0_stopped = threading.Event(), []
+
+    def part(i):
+        if i == 1:
+            raise RuntimeError("part 1 fails")
+        part_0_stopped.append(stop.wait(timeout=30))  # a long part that ends early once told to
+
+    with pytest.raises(RuntimeError, match="part 1 fails"):
+        threads.map_in_threads(part, [0, 1], stop)
+    assert part_0_stopped == [True]
+
+
+@needs_two_threads
 def test_when_one_thread_of_a_generation_fails_the_other_stops_within_a_step(monkeypatch):
     """So that Ctrl-C during an evaluation ends it in about a step, not after the other thread's whole batch."""
     monkeypatch.setattr(evaluate, "STEPS", 400)
