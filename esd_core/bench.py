@@ -19,11 +19,11 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from .config import BENCH_CASES, BENCH_RANKS, EraseConfig
-from .cli import DTYPES
 from .diffusers_host import DiffusersHost, load_pipeline
 from .esd import TrainingRun, erase, run_updates, train_erasure
 from .methods import layer_tensors, select_parameters
 from .model_configs import FULL_SIZE_UNET_CONFIGS, SD_SCHEDULE, TEXT_SHAPES
+from .options import DTYPES
 from .trainable import TrainableDelta
 
 
@@ -88,7 +88,7 @@ def run_case(case: dict) -> dict:
     else:
         host_class = TwoUNetHost if two_unet else RandomWeightHost
         host = host_class(case["family"], case["resolution"], device, dtype, case.get("gradient_checkpointing", False))
-    config = EraseConfig(**case["config"])
+    config = EraseConfig.from_settings(case["config"])
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -13,20 +13,22 @@ import uuid
 import torch
 from tqdm.auto import tqdm
 
-from .config import BENCH_CASES, BENCH_RANKS, MODES, SAMPLE_WITH_CHOICES, EraseConfig
-from .erasure_file import SAVE_DTYPES, ErasureDelta, check_usable, summary, write_atomically
-from .methods import TRAIN_METHODS, method_choices, resolve_method
+from .config import BENCH_CASES, BENCH_RANKS, EraseConfig
+from .erasure_file import ErasureDelta, check_usable, summary, write_atomically
+from .methods import TRAIN_METHODS, resolve_method
+from .options import BY_NAME, COMMAND_LINE, DTYPES, OPTIONS, Option
 from .output_paths import check_new_folder, check_output_file, check_output_folder
-from .presets import PAPER, TINY_WORLD, TINY_WORLD_BY_METHOD, default_method, defaults_for, tiny_world_method
+from .presets import TINY_WORLD, TINY_WORLD_BY_METHOD, TINY_WORLD_NOTES, default_method, defaults_for, tiny_world_method
 from .tinyworld.world import DEFAULT_MODEL_DIR
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRESET_FIELDS = tuple(PAPER)
 
-
-def tiny_world_default(field: str) -> str:
-    """The tiny world's default for a setting, for help texts: one value, or esd-u's and everyone else's."""
-    usual, esd_u = TINY_WORLD[field], TINY_WORLD_BY_METHOD["esd-u"].get(field, TINY_WORLD[field])
+def tiny_world_default(name: str) -> str:
+    """The tiny world's default for a setting where it differs from the paper's, for help texts ('' where it does not)."""
+    if name in TINY_WORLD_NOTES:
+        return TINY_WORLD_NOTES[name]
+    usual, esd_u = TINY_WORLD[name], TINY_WORLD_BY_METHOD["esd-u"].get(name, TINY_WORLD[name])
+    if usual == esd_u == BY_NAME[name].default:
+        return ""
     return f"{usual}" if usual == esd_u else f"esd-u {esd_u}, else {usual}"
 
 
@@ -69,50 +71,50 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def add_option(parser: argparse.ArgumentParser, option: Option, **overrides) -> None:
+    """The flag of one option of the spec. It defaults to None, so that what a user leaves out can be filled in
+    from the model's defaults (``settings``), except where ``overrides`` say otherwise."""
+    kwargs = dict(default=None)
+    if option.kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif option.choices:
+        kwargs["choices"] = option.choices + option.aliases
+        kwargs["metavar"] = "{" + ",".join(option.choices) + "}"
+    elif option.kind is not str:
+        kwargs["type"] = finite_float if option.kind is float else int
+    tiny = tiny_world_default(option.name) if option.shown_on != COMMAND_LINE else ""
+    default = f"default {option.default!r}" if option.kind is str else f"default {option.default}"
+    kwargs["help"] = f"{option.help} ({default}{'; tiny world: ' + tiny if tiny else ''})".replace("%", "%%")
+    parser.add_argument(option.flag, **{**kwargs, **overrides})
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="diffusers model folder, or a single-file .safetensors/.ckpt checkpoint (default: the shipped tiny world)")
     parser.add_argument("--config", help="for a single-file checkpoint: a diffusers folder of the same family (needed offline)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="UNet and text-encoder precision (auto: bf16 on GPU, fp32 on CPU)")
+    for option in OPTIONS:
+        if option.shown_on == COMMAND_LINE:
+            add_option(parser, option, default=option.default)
 
 
-def _add_erase_arguments(parser: argparse.ArgumentParser) -> None:
-    """Everything that shapes the training, shared by ``erase`` and ``demo``."""
-    parser.add_argument("--method", choices=method_choices(), metavar="METHOD", help="which weights to train (see below); default: esd-x, but on the tiny world esd-u for a shape (erase: when the concept names only shapes)")
-    parser.add_argument("--erase-from", default="", help="erase the concept from this text instead of from itself (one, or one per concept)")
-    parser.add_argument("--iterations", type=int, help=f"updates (paper: {PAPER['iterations']}; tiny world: {TINY_WORLD['iterations']})")
-    parser.add_argument("--lr", type=float, help=f"Adam learning rate (paper: {PAPER['lr']}; tiny world: {TINY_WORLD['lr']})")
-    parser.add_argument("--eta", type=float, help=f"negative guidance, the paper's eta (paper: {PAPER['eta']}, and esd_sd.py's 2.0 equals 1.0 here; tiny world: {tiny_world_default('eta')})")
-    parser.add_argument("--sample-steps", type=int, help="DDIM steps of the x_t sampling schedule (paper: 50)")
-    parser.add_argument("--sample-guidance", type=float, help="classifier-free guidance while sampling x_t (paper: 3.0)")
-    parser.add_argument("--preserve", help="comma-separated texts whose images the erasure must leave as they were (paper: none; tiny world: the concepts an erasure puts at risk, for a shape the other shapes, for a colour every other shape and colour; \"\" for none)")
-    parser.add_argument("--preserve-weight", type=float, help=f"weight of the preservation term against the erasure term (default {PAPER['preserve_weight']}; tiny world: {tiny_world_default('preserve_weight')})")
-    parser.add_argument("--preserve-guidance", type=float, help=f"compare each text to preserve on its guided prediction, e('') + G (e(text) - e('')) as a sampler at guidance G draws, instead of e(text) alone, so that drift guidance would magnify counts as much (1: plain predictions; paper: {PAPER['preserve_guidance']}; tiny world: {tiny_world_default('preserve_guidance')})")
-    parser.add_argument("--hold-unconditional", type=float, help=f"at each erased example's x_t, also train the empty prompt's prediction to stay as it was, with this weight: otherwise it drifts with the concept's, and classifier-free guidance, which takes their difference, undoes much of the erasure (0: off; paper: {PAPER['hold_unconditional']}; tiny world: {tiny_world_default('hold_unconditional')})")
-    parser.add_argument("--repair-fraction", type=float, default=0.0, help="share of the iterations, at the end, that train on the preserved texts alone, pulling back what drifted with the erasure (default 0: none)")
-    parser.add_argument("--orthogonal-push", action=argparse.BooleanOptionalAction, help=f"push away from the concept only where it differs from the texts to preserve (the part of its direction orthogonal to theirs, at full length): spares them more, may erase less (needs --preserve; paper: off; tiny world: {tiny_world_default('orthogonal_push')})")
-    parser.add_argument("--sample-with", choices=SAMPLE_WITH_CHOICES, help=f"which model samples x_t: trained (paper), frozen (2025 diffusers script), or mixed: frozen for the erased texts, trained for the preserved ones (paper: {PAPER['sample_with']}; tiny world: {tiny_world_default('sample_with')})")
-    parser.add_argument("--mode", default="fast", choices=MODES, help="fast (default): one sampled trajectory serves several updates; reference: a fresh trajectory per update, as the paper")
-    parser.add_argument("--trajectories", type=int, default=8, help="fast mode: trajectories sampled together in one batched pass")
-    parser.add_argument("--reuse", type=int, default=0, help="fast mode: examples drawn from each sampled trajectory (default 0: sample steps x batch size / trajectories, so each batch of trajectories serves about sample-steps updates)")
-    parser.add_argument("--batch-size", type=int, help=f"examples per update, of the erased texts and again of the preserved ones (paper: 1; tiny world: {TINY_WORLD['batch_size']})")
-    parser.add_argument("--rank", type=int, help=f"0: full-rank deltas (paper); r > 0: LoRA-style rank-r factors, for esd-u/esd-all memory (tiny world: esd-u/esd-all {TINY_WORLD_BY_METHOD['esd-u']['rank']})")
-    parser.add_argument("--resolution", type=int, help="training image size in pixels (default: the UNet's native size)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="memory-saving mode: recompute activations in the backward pass and run each feed-forward one row at a time (the CPU always does the latter): less memory, slower updates")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-dtype", default="fp16", choices=tuple(SAVE_DTYPES), help="precision of the written deltas")
+def _add_erase_arguments(parser: argparse.ArgumentParser, **concept) -> None:
+    """Every erase option of the spec, shared by ``erase`` and ``demo`` (``concept``: overrides of that flag)."""
+    for option in OPTIONS:
+        if option.name == "concept":
+            add_option(parser, option, **({"required": True} | concept))
+        elif option.shown_on != COMMAND_LINE:
+            add_option(parser, option)
 
 
 METHODS_EPILOG = "methods:\n" + "\n".join(f"  {name:14s} {description}" for name, (description, _) in TRAIN_METHODS.items())
 
 ERASE_DESCRIPTION = (
     "Train an erasure delta. For any model the paper's settings are the defaults: 1000 iterations, lr 1e-5, "
-    "eta 1.0, 50 DDIM sampling steps at guidance 3.0, sampling with the model being trained. For the shipped "
-    f"tiny world (no --model) the defaults are tuned for it: {TINY_WORLD}, per method changed by "
-    f"{TINY_WORLD_BY_METHOD}, and the concepts an erasure puts at risk are preserved (for a shape the other shapes, "
-    "for a colour every other shape and colour).\n"
+    "eta 1.0, 50 DDIM sampling steps at guidance 3.0, sampling with the model being trained; esd-u and esd-all "
+    "train rank-8 deltas (--rank 0: the paper's full rank). For the shipped tiny world (no --model) the defaults "
+    "are tuned for it (each flag's help says where).\n"
     "To reproduce the 2025 reference script (esd_sd.py): --iterations 200 --lr 5e-5 --eta 1.0 --sample-with frozen "
-    "--mode reference --dtype bf16; its 'negative guidance 2' is our eta 1, because its eta is the paper's eta + 1."
+    "--mode reference --dtype bf16. Its 'negative guidance 2' is our eta 1 when a concept is erased from itself "
+    "(its target there is ec - eta (ec - e0), the paper's with eta + 1); with --erase-from its eta is ours."
 )
 
 
@@ -124,7 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     erase = commands.add_parser("erase", help="train an erasure and write it as a delta file", formatter_class=formatter,
                                 description=ERASE_DESCRIPTION, epilog=METHODS_EPILOG)
     _add_model_arguments(erase)
-    erase.add_argument("--concept", required=True, help="text to erase; comma-separate several")
     _add_erase_arguments(erase)
     erase.add_argument("--out", required=True, help="where to write the .safetensors delta")
     erase.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never a file of the input model)")
@@ -148,11 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the numbers here too")
     evaluate.add_argument("--grid", help="before/after PNG grid (default: next to --json, or none)")
 
-    demo = commands.add_parser("demo", help="erase a concept from the shipped tiny world, then measure it (the README's first command)",
+    demo = commands.add_parser("demo", help="erase a concept from the shipped tiny world, then measure it (the README's first set-up command)",
                                formatter_class=formatter, epilog=METHODS_EPILOG)
     _add_model_arguments(demo)
-    demo.add_argument("--concept", default="circle", help="a shape or colour of the tiny world")
-    _add_erase_arguments(demo)
+    _add_erase_arguments(demo, required=False, default="circle", help="a shape or colour of the tiny world (default circle)")
     demo.add_argument("--n", type=positive_int, default=32, help="images per prompt group in the evaluation (esd-erase eval defaults to 64)")
     demo.add_argument("--out-dir", default="esd-demo", help="where the delta, JSON and grid go")
 
@@ -177,14 +177,17 @@ def model_path(args) -> str:
     return args.model or str(DEFAULT_MODEL_DIR)
 
 
+def settings(args, concept: str, method: str) -> dict:
+    """Every erase setting: what the command line gave, and the model's defaults for what it left out."""
+    given = {option.name: getattr(args, option.name) for option in OPTIONS if getattr(args, option.name, None) is not None}
+    for name, value in given.items():
+        BY_NAME[name].check(value)
+    return {**defaults_for(args.model, resolve_method(method), concept), **given, "concept": concept, "method": method}
+
+
 def erase_config(args, concept: str, method: str) -> EraseConfig:
     """An EraseConfig from parsed arguments, filling what was left out from the model's defaults."""
-    preset = defaults_for(args.model, resolve_method(method), concept)
-    chosen = {field: getattr(args, field) if getattr(args, field) is not None else preset[field] for field in PRESET_FIELDS}
-    return EraseConfig(
-        concept=concept, erase_from=args.erase_from, method=method, mode=args.mode, trajectories=args.trajectories,
-        reuse=args.reuse, repair_fraction=args.repair_fraction, seed=args.seed, **chosen,
-    )
+    return EraseConfig.from_settings(settings(args, concept, method))
 
 
 def train_with_progress(args, config: EraseConfig) -> ErasureDelta:
@@ -192,9 +195,10 @@ def train_with_progress(args, config: EraseConfig) -> ErasureDelta:
     from .diffusers_host import DiffusersHost, load_pipeline
     from .esd import erase
 
+    chosen = settings(args, config.concept, config.method)
     device = pick_device(args.device)
     pipeline = load_pipeline(model_path(args), args.config, pick_dtype(args.dtype, device), with_vae=False)
-    host = DiffusersHost(pipeline, device, args.resolution, args.gradient_checkpointing)
+    host = DiffusersHost(pipeline, device, chosen["resolution"] or None, chosen["gradient_checkpointing"])
     with tqdm(total=config.iterations, desc=f"erasing {textwrap.shorten(config.concept, 40, placeholder='...')!r}", unit="it") as bar:
         def progress(iteration: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4g}")
@@ -204,10 +208,11 @@ def train_with_progress(args, config: EraseConfig) -> ErasureDelta:
 
 
 def run_erase(args) -> None:
-    config = erase_config(args, args.concept, args.method or default_method(args.model, args.concept))
+    chosen = settings(args, args.concept, args.method or default_method(args.model, args.concept))
+    config = EraseConfig.from_settings(chosen)
     check_output_file(args.out, "--out", ".safetensors", args.overwrite, protected=(model_path(args),))
     erasure = train_with_progress(args, config)
-    erasure.save(args.out, SAVE_DTYPES[args.save_dtype])
+    erasure.save(args.out, DTYPES[chosen["save_dtype"]])
     print(f"wrote {args.out}: {erasure.describe()}, {erasure.metadata['trained_parameters']} parameters")
 
 
@@ -272,12 +277,12 @@ def run_demo(args) -> None:
 
     start = time.perf_counter()
     concept = world.canonical(args.concept)
-    method = args.method or tiny_world_method(concept)
-    config = erase_config(args, concept, method)
+    chosen = settings(args, concept, args.method or tiny_world_method(concept))
+    config = EraseConfig.from_settings(chosen)
     delta_path = os.path.join(args.out_dir, f"erase-{concept}-{config.method}.safetensors")
     check_output_folder(args.out_dir, "--out-dir")
     erasure = train_with_progress(args, config)
-    erasure.save(delta_path, SAVE_DTYPES[args.save_dtype])
+    erasure.save(delta_path, DTYPES[chosen["save_dtype"]])
     print(f"wrote {delta_path}: {erasure.describe()} in {time.perf_counter() - start:.0f} s")
     json_path = os.path.join(args.out_dir, f"erase-{concept}-{config.method}.json")
     eval_args = argparse.Namespace(model=args.model, delta=delta_path, concept=concept, n=args.n, seed=0, strength=1.0, json=json_path, grid=None)

@@ -22,7 +22,6 @@ FORMAT_VERSION = "1"
 KEY_PREFIX = "diffusion_model."
 _SUFFIXES = {"weight": ".diff", "bias": ".diff_b"}
 
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def model_family(context_dim: int, has_text_time_embedding: bool) -> str:

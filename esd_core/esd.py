@@ -12,11 +12,7 @@ g > 1 a preserved text is compared on its guided prediction (with the empty prom
 guidance g combines them), so drift that guidance would magnify counts as much. With ``hold_unconditional``
 w > 0 each erased example also trains the empty prompt's prediction at its x_t to stay the frozen one (weight
 w): otherwise it drifts with the concept's and classifier-free guidance, which takes their difference, undoes
-much of the erasure. With ``orthogonal_push``
-the erasing target spares the preserved texts too: the push away from c keeps only its part orthogonal to
-their directions at the same x_t. ``sample_with`` says which model (trained or frozen) samples each stream's x_t.
-The last ``repair_fraction`` of the updates may train on the preservation term alone (a repair phase),
-pulling back what drifted with the erasure.
+much of the erasure. ``sample_with`` says which model (trained or frozen) samples each stream's x_t.
 
 Two modes feed the same update with the same distribution of (x_t, t):
 - reference: a fresh partial trajectory for every example, as the paper does (one update's are sampled together);
@@ -25,8 +21,8 @@ Two modes feed the same update with the same distribution of (x_t, t):
   no state is older than one batch of trajectories, and the frozen predictions for each state are
   computed once, in batches.
 Where the frozen model samples a stream, the e('') and e(source) each state was stepped on with are frozen
-predictions; when they are all a target needs (not so with another erase_from text or an orthogonal push, nor
-at a trajectory's last state), they are taken from there rather than predicted again.
+predictions; when they are all a target needs (not so with another erase_from text, nor at a trajectory's last
+state), they are taken from there rather than predicted again.
 """
 
 from collections.abc import Callable, Iterator
@@ -95,23 +91,11 @@ class TrainingExample:
     unconditional: torch.Tensor | None = None
 
 
-# An orthogonal push is rescaled to the full push's length by at most this factor, so that a push lying almost
-# wholly along the preserved texts' directions does not turn into noise at full strength. On the tiny world
-# 3-48% of the circle's and the triangle's push (square length, mean per step) lies along the other shapes'
-# directions, and the cap bit none of 1600 states sampled for the four shapes.
-MAX_PUSH_RESCALE = 2.0
-
-
-def esd_target(e0: torch.Tensor, ec: torch.Tensor, ef: torch.Tensor | None, eta: float, kept: torch.Tensor | None = None) -> torch.Tensor:
+def esd_target(e0: torch.Tensor, ec: torch.Tensor, ef: torch.Tensor | None, eta: float) -> torch.Tensor:
     """Negative guidance away from c: the paper's ``e0 - eta * (ec - e0)``; when erasing c from another text f
-    (``ef`` given), the anchor is f's own prediction: ``ef - eta * (ec - e0)``. With ``kept`` (the frozen
-    predictions for the preserved texts, stacked on dim 1), the push ``ec - e0`` keeps only what sets c apart
-    from them: its part orthogonal to their directions ``e_p - e0``, at the push's own length."""
-    push = ec - e0
-    if kept is not None:
-        push = orthogonal_part(push, kept - e0.unsqueeze(1))
+    (``ef`` given), the anchor is f's own prediction: ``ef - eta * (ec - e0)``."""
     anchor = e0 if ef is None else ef
-    return anchor - eta * push
+    return anchor - eta * (ec - e0)
 
 
 def guided(conditional: torch.Tensor, unconditional: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -120,24 +104,12 @@ def guided(conditional: torch.Tensor, unconditional: torch.Tensor, guidance: flo
     return conditional - (1 - 1 / guidance) * unconditional
 
 
-def orthogonal_part(push: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Each example's ``push`` (batch, ...) less its least-squares projection onto that example's ``directions``
-    (batch, k, ...), over the whole latent; rescaled towards the push's own length (by at most ``MAX_PUSH_RESCALE``)."""
-    flat = push.flatten(1).float()
-    basis = directions.flatten(2).float().transpose(1, 2)  # (batch, latent size, k)
-    perp = flat - (basis @ (torch.linalg.pinv(basis) @ flat.unsqueeze(-1))).squeeze(-1)
-    perp_length = perp.norm(dim=1, keepdim=True)
-    rescale = (flat.norm(dim=1, keepdim=True) / perp_length.clamp_min(torch.finfo(perp.dtype).tiny)).clamp(max=MAX_PUSH_RESCALE)
-    return (perp * rescale).view_as(push).to(push.dtype)
-
-
 class TrainingRun:
     """What both modes share: the host, the delta, the encoded prompts, the schedule and the random stream."""
 
     def __init__(self, host: ErasureHost, delta: TrainableDelta, config: EraseConfig, generator: torch.Generator):
         self.host, self.delta, self.config, self.generator = host, delta, config, generator
-        self.kept = config.pushed_clear_of
-        texts = ["", *(t for pair in config.pairs for t in pair), *config.preserved, *self.kept]
+        texts = ["", *(t for pair in config.pairs for t in pair), *config.preserved]
         self.conds = {text: host.encode(text) for text in texts}
         self.scheduler = ddim_scheduler(host.alphas_cumprod, config.sample_steps)
 
@@ -189,7 +161,7 @@ class TrainingRun:
     @torch.no_grad()
     def targets(self, states: list[SampledState], pair: Pair) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The frozen model's targets for several states of one pair: the ESD target for an erased (concept, source)
-        pair (with an orthogonal push, the preserved texts are predicted too), the frozen prediction itself for a
+        pair, the frozen prediction itself for a
         preserved (None, text) pair (guided, with the empty prompt's, at ``preserve_guidance`` > 1). Each comes with
         the frozen empty-prompt prediction to hold (an erased pair with ``hold_unconditional`` > 0) or None."""
         concept, source = pair
@@ -198,13 +170,12 @@ class TrainingRun:
             texts = [source, ""] if guidance != 1.0 else [source]
             eps = self.frozen_predictions(states, texts)
             return [(target, None) for target in (guided(eps[:, 0], eps[:, 1], guidance) if guidance != 1.0 else eps[:, 0])]
-        texts = ["", concept, *([source] if source != concept else []), *self.kept]
+        texts = ["", concept, *([source] if source != concept else [])]
         eps = self.frozen_predictions(states, texts)
         ef = eps[:, 2] if source != concept else None
-        kept = eps[:, len(texts) - len(self.kept) :] if self.kept else None
         # a copy, so that the examples keep only e('') alive, not every row of these predictions
         held = eps[:, 0].clone() if self.config.hold_unconditional > 0 else [None] * len(states)
-        return list(zip(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta, kept), held))
+        return list(zip(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta), held))
 
 
 def reference_examples(run: TrainingRun, pairs: list[Pair], trained: bool) -> Iterator[TrainingExample]:
@@ -276,19 +247,14 @@ def update(run: TrainingRun, optimizer: torch.optim.Optimizer, examples: list[Tr
 
 def run_updates(run: TrainingRun, optimizer: torch.optim.Optimizer, progress: ProgressCallback | None = None) -> None:
     """The loop: ``iterations`` updates, each on ``batch_size`` examples of the erased pairs (and as many of the
-    preserved texts), drawn by the configured mode. The last ``repair_iterations`` updates train on the preserved
-    texts alone, to pull back what drifted with the erasure (whether the erasure survives that depends on the
-    concept: README)."""
+    preserved texts), drawn by the configured mode."""
     config = run.config
     examples = EXAMPLE_SOURCES[config.mode]
     erased_trained, preserved_trained = config.samples_with_trained
-    erased = (examples(run, config.pairs, erased_trained), 1.0)
-    streams = [erased]
+    streams = [(examples(run, config.pairs, erased_trained), 1.0)]
     if config.preserved:
         streams.append((examples(run, [(None, text) for text in config.preserved], preserved_trained), config.preserve_weight))
     for iteration in range(config.iterations):
-        if iteration == config.iterations - config.repair_iterations:
-            streams.remove(erased)
         batch = [(next(stream), weight / config.batch_size) for stream, weight in streams for _ in range(config.batch_size)]
         loss = update(run, optimizer, [example for example, _ in batch], [weight for _, weight in batch], iteration)
         if progress is not None:

@@ -75,8 +75,8 @@ def test_single_file_checkpoint_with_config_folder(tiny_folders, tmp_path):
     "arguments, message",
     [
         (["--concept", "  "], "concept is empty"),
-        (["--iterations", "0"], "iterations must be a positive"),
-        (["--lr", "-1"], "learning rate must be a positive"),
+        (["--iterations", "0"], "iterations must be a whole number from 1 to 100000"),
+        (["--lr", "-1"], "lr must be a finite number from 1e-09 to 1.0"),
         (["--erase-from", "a, b"], "erase_from lists 2 texts for 1 concepts"),
     ],
 )
@@ -113,13 +113,20 @@ def test_long_concept_warns_what_was_cut(tiny_folders):
         host.encode("a red circle on palm")
 
 
-def test_non_finite_loss_stops_and_writes_nothing(tiny_folders, tmp_path, capsys):
+def test_non_finite_loss_stops_and_writes_nothing(tiny_folders, tmp_path, capsys, monkeypatch):
+    import esd_core.esd as esd
+
+    def overflowing_target(*args):  # what a diverging erasure reaches: targets beyond float range
+        return esd_target(*args) * float("inf")
+
+    esd_target = esd.esd_target
+    monkeypatch.setattr(esd, "esd_target", overflowing_target)
     out = tmp_path / "x.safetensors"
     code = main(["erase", "--model", tiny_folders["sd1"], "--concept", "red", "--out", str(out),
-                 "--iterations", "5", "--lr", "1e30", "--sample-steps", "2", "--method", "esd-all"])
+                 "--iterations", "5", "--sample-steps", "2"])
     assert code == 2
     error = capsys.readouterr().err
-    assert "The loss became" in error and "at iteration 2" in error and "nothing was saved" in error
+    assert "The loss became inf at iteration 1" in error and "nothing was saved" in error
     assert files_in(tmp_path) == []
 
 
@@ -255,7 +262,7 @@ def test_a_concept_the_tokenizer_does_not_know_is_refused(tmp_path, capsys):
     (["erase", "--concept", "red", "--resolution", "7"], "The resolution must be a positive multiple of"),
     (["erase", "--concept", "red", "--config", "FOLDER"], "--config is only for a single-file checkpoint"),
     (["erase", "--concept", "red", "--seed", str(2**64)], "seed must be a whole number from 0 to 18446744073709551615"),
-    (["erase", "--concept", "red", "--sample-steps", "1000"], "sample_steps must be below the model's 1000 training timesteps"),
+    (["erase", "--concept", "red", "--sample-steps", "1000"], "sample_steps must be a whole number from 1 to 999, got 1000"),
     (["eval", "--concept", "circle", "--n", "2", "--seed", str(2**64 - 1)], "seed must be from 0 to 18446744073709551614"),
 ])
 def test_bad_options_get_one_line(tiny_folders, tmp_path, capsys, arguments, message):

@@ -409,75 +409,6 @@ def test_an_update_trains_on_batch_size_examples_of_each_stream(tiny_folders):
     assert x_t.shape[0] == 4 and len(timesteps) == 4  # 2 erased + 2 preserved examples, one pass
 
 
-def test_the_repair_phase_trains_on_the_preserved_texts_alone(tiny_folders, monkeypatch):
-    import esd_core.esd as esd
-
-    sources = []  # the texts each update trained on
-    original = esd.update
-    def recording(run, optimizer, examples, weights, iteration):
-        sources.append({example.source for example in examples})
-        return original(run, optimizer, examples, weights, iteration)
-    monkeypatch.setattr(esd, "update", recording)
-    config = quick_config(iterations=6, batch_size=4, preserve="blue", repair_fraction=1 / 3)
-    assert config.repair_iterations == 2
-    train_erasure(host_for(tiny_folders["sd1"]), config)
-    assert all("red" in texts for texts in sources[:4])
-    assert all(texts <= {"", "blue"} for texts in sources[4:]) and len(sources) == 6
-
-
-@pytest.mark.parametrize("settings, message", [
-    (dict(repair_fraction=0.5), "there are none"),
-    (dict(repair_fraction=1.0, preserve="blue"), "at least one erasing update"),
-    (dict(repair_fraction=-0.1, preserve="blue"), "at least 0"),
-    (dict(repair_fraction=0.8, iterations=1, preserve="blue"), "at least one erasing update"),
-])
-def test_a_repair_phase_without_texts_to_preserve_or_without_erasing_is_refused(settings, message):
-    with pytest.raises(ValueError, match=message):
-        quick_config(**settings)
-
-
-def test_an_orthogonal_push_is_orthogonal_to_the_directions_and_keeps_its_length():
-    from esd_core.esd import orthogonal_part
-
-    generator = torch.Generator().manual_seed(0)
-    push = torch.randn(3, 4, 8, 8, generator=generator)
-    directions = torch.randn(3, 2, 4, 8, 8, generator=generator)
-    result = orthogonal_part(push, directions)
-    for row in range(3):
-        for direction in directions[row]:
-            assert torch.dot(result[row].flatten(), direction.flatten()).abs() < 1e-3 * result[row].norm() * direction.norm()
-        assert result[row].norm() == pytest.approx(push[row].norm().item(), rel=1e-4)
-    # a push almost wholly along one direction: what is left is rescaled by at most MAX_PUSH_RESCALE (2), not to full length
-    nearly_along = directions[:, 0] + 0.01 * torch.randn(3, 4, 8, 8, generator=generator)
-    shrunk = orthogonal_part(nearly_along, directions)
-    assert (shrunk.flatten(1).norm(dim=1) < 0.5 * nearly_along.flatten(1).norm(dim=1)).all()
-    assert torch.dot(shrunk[0].flatten(), directions[0, 0].flatten()).abs() < 1e-3 * shrunk[0].norm() * directions[0, 0].norm()
-
-
-def test_an_orthogonal_push_target_steers_clear_of_the_preserved_texts(tiny_folders):
-    """At iteration 0 the loss is |ec - target|^2 with target = e0 - eta * push, the push being ec - e0 less its
-    least-squares projection onto the preserved texts' e_p - e0 (independent UNet calls and torch.linalg.lstsq),
-    rescaled to the length of ec - e0."""
-    host = RecordingHost(load_pipeline(tiny_folders["sd1"]))
-    losses = []
-    config = quick_config(iterations=1, eta=0.7, preserve="blue, a green bird", preserve_weight=0.0, orthogonal_push=True)
-    train_erasure(host, config, lambda i, loss: losses.append(loss))
-    x_t, timestep = host.last_call
-    e0, ec = (unet_eps(host.pipeline, x_t, timestep, text).flatten() for text in ("", "red"))
-    directions = torch.stack([unet_eps(host.pipeline, x_t, timestep, text).flatten() - e0 for text in ("blue", "a green bird")], dim=1)
-    push = ec - e0
-    along = directions @ torch.linalg.lstsq(directions, push.unsqueeze(1)).solution
-    perp = push - along.squeeze(1)
-    expected_push = perp * push.norm() / perp.norm()
-    assert losses[0] == pytest.approx(torch.mean((ec - (e0 - 0.7 * expected_push)) ** 2).item(), rel=1e-3)
-    assert losses[0] != pytest.approx(torch.mean((ec - (e0 - 0.7 * push)) ** 2).item(), rel=1e-3)
-
-
-def test_an_orthogonal_push_without_texts_to_preserve_is_refused():
-    with pytest.raises(ValueError, match="orthogonal push steers clear of the texts to preserve, and there are none"):
-        quick_config(orthogonal_push=True)
-
-
 def random_delta(host, method: str, std: float):
     """A delta of the method's weights drawn from N(0, std), so that the trained and the frozen predictions differ."""
     from esd_core.methods import select_parameters
@@ -559,11 +490,11 @@ def test_holding_the_unconditional_adds_the_empty_prompts_drift_at_the_erased_ex
 
 @pytest.mark.parametrize("hold", [-1.0, float("inf")])
 def test_a_negative_or_infinite_unconditional_hold_is_refused(hold):
-    with pytest.raises(ValueError, match="hold_unconditional must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="hold_unconditional must be a finite number from 0.0 to 100.0"):
         quick_config(hold_unconditional=hold)
 
 
 @pytest.mark.parametrize("guidance", [0.5, float("nan")])
 def test_a_preserve_guidance_below_1_is_refused(guidance):
-    with pytest.raises(ValueError, match="preserve_guidance must be a finite number >= 1"):
+    with pytest.raises(ValueError, match="preserve_guidance must be a finite number from 1.0 to 30.0"):
         quick_config(preserve="blue", preserve_guidance=guidance)

@@ -93,9 +93,9 @@ def test_concept_pairs():
     [
         (dict(concept=" , "), "concept is empty"),
         (dict(concept="x", method="lora"), "Unknown train method 'lora'. Use one of: esd-x"),
-        (dict(concept="x", iterations=0), "iterations must be a positive"),
-        (dict(concept="x", lr=0.0), "learning rate must be a positive"),
-        (dict(concept="x", lr=-1e-5), "learning rate must be a positive"),
+        (dict(concept="x", iterations=0), "iterations must be a whole number from 1 to 100000"),
+        (dict(concept="x", lr=0.0), "lr must be a finite number from 1e-09 to 1.0"),
+        (dict(concept="x", lr=-1e-5), "lr must be a finite number from 1e-09 to 1.0"),
         (dict(concept="x", sample_with="both"), "sample_with"),
     ],
 )

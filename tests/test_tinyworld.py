@@ -195,7 +195,7 @@ def test_evaluate_structure_before_and_after(blinding_delta, tmp_path, monkeypat
     assert sum(g["after"]["count"] for g in shape_groups) <= 4
     from PIL import Image
     width, height = Image.open(grid).size  # 9 rows of 34-px cells (x3), before and after side by side
-    assert height == 9 * 34 * 3 and width > 2 * 4 * 34 * 3
+    assert height == 20 + 9 * 34 * 3 and width > 2 * 4 * 34 * 3  # a header row names the halves, then a row per group
     table = evaluate.format_table(result)
     assert "circle" in table and "disc" in table and len(table.splitlines()) == 4 + 9
     star = next(g for g in result["groups"] if g["name"] == "star")
@@ -235,7 +235,7 @@ def test_tiny_world_preserves_the_concepts_at_risk_that_the_erased_texts_do_not_
     assert defaults_for("/some/other/model", "esd-x", "circle")["preserve"] == ""  # elsewhere: the paper's, none
 
 
-def test_erase_without_a_method_trains_the_one_the_issue_names_for_the_tiny_world(monkeypatch):
+def test_erase_without_a_method_trains_the_benchmarks_method_on_the_tiny_world(monkeypatch):
     import esd_core.cli as cli
     from esd_core.presets import default_method
 
@@ -263,40 +263,40 @@ def erase_arguments(*extra):
     return build_parser().parse_args(["erase", "--concept", "circle", "--out", "x.safetensors", *extra])
 
 
-def test_tiny_world_gives_whole_unet_methods_low_rank_deltas_and_an_explicit_rank_wins():
+def test_whole_unet_methods_get_low_rank_deltas_on_every_model_and_an_explicit_rank_wins():
     from esd_core.cli import erase_config
-    from esd_core.presets import defaults_for
 
-    assert defaults_for(None, "esd-u", "circle")["rank"] == 8 and defaults_for(None, "esd-x", "red")["rank"] == 0
-    assert defaults_for("/some/other/model", "esd-u", "circle")["rank"] == 0  # elsewhere: the paper's full rank
-    assert erase_config(erase_arguments(), "circle", "esd-u").rank == 8
-    assert erase_config(erase_arguments("--rank", "0"), "circle", "esd-u").rank == 0
+    for model_flags in ([], ["--model", "/some/other/model"]):
+        assert erase_config(erase_arguments(*model_flags), "circle", "esd-u").rank == 8
+        assert erase_config(erase_arguments(*model_flags), "circle", "esd-all").rank == 8
+        assert erase_config(erase_arguments(*model_flags), "circle", "esd-x").rank == 0
+        assert erase_config(erase_arguments(*model_flags, "--rank", "0"), "circle", "esd-u").rank == 0
+        assert erase_config(erase_arguments(*model_flags, "--rank", "4"), "circle", "esd-x").rank == 4
 
 
-def test_every_preset_setting_comes_from_the_model_preset_unless_given_on_the_command_line():
-    from esd_core.cli import PRESET_FIELDS, erase_config
-    from esd_core.config import SAMPLE_WITH_CHOICES
+def other_value(option, preset_value):
+    """A valid value of ``option`` other than ``preset_value``, and the command-line words that give it."""
+    if option.kind is bool:
+        return (not preset_value), [option.flag if not preset_value else "--no-" + option.flag[2:]]
+    if option.choices:
+        value = next(choice for choice in option.choices if choice != preset_value)
+    elif option.kind is str:
+        value = "dog"
+    else:
+        value = option.kind(option.minimum if preset_value != option.minimum else option.minimum + 1)
+    return value, [option.flag, str(value)]
+
+
+def test_every_setting_comes_from_the_model_preset_unless_given_on_the_command_line():
+    from esd_core.cli import settings
+    from esd_core.options import OPTIONS
     from esd_core.presets import PAPER, defaults_for
 
-    presets = (([], defaults_for(None, "esd-u", "circle")), (["--model", "/some/other/model"], PAPER))
-    given = dict(iterations=7, lr=0.5, eta=3.5, sample_steps=9, sample_guidance=2.5, batch_size=3, preserve="dog",
-                 preserve_weight=0.5, preserve_guidance=2.0, hold_unconditional=0.75, rank=4)
-    given["sample_with"] = next(c for c in SAMPLE_WITH_CHOICES if all(c != preset["sample_with"] for _, preset in presets))
-    flags = [word for field, value in given.items() for word in (f"--{field.replace('_', '-')}", str(value))]
-    for model_flags, preset in presets:
-        left_out = erase_config(erase_arguments(*model_flags), "circle", "esd-u")
-        assert {field: getattr(left_out, field) for field in PRESET_FIELDS} == {field: preset[field] for field in PRESET_FIELDS}
-        switched = not preset["orthogonal_push"]  # an on/off flag: the other value than this preset's
-        chosen_here = {**given, "orthogonal_push": switched}
-        assert set(chosen_here) == set(PRESET_FIELDS)
-        assert all(chosen_here[field] != preset[field] for field in PRESET_FIELDS)  # so an override shows
-        switch_flag = "--orthogonal-push" if switched else "--no-orthogonal-push"
-        chosen = erase_config(erase_arguments(*model_flags, *flags, switch_flag), "circle", "esd-u")
-        assert {field: getattr(chosen, field) for field in PRESET_FIELDS} == chosen_here
-
-
-def test_repair_fraction_is_off_unless_asked_for_on_the_command_line():
-    from esd_core.cli import erase_config
-
-    assert erase_config(erase_arguments(), "circle", "esd-u").repair_iterations == 0
-    assert erase_config(erase_arguments("--repair-fraction", "0.25"), "circle", "esd-u").repair_iterations == 75  # of 300
+    chosen_by_user = [option for option in OPTIONS if option.name not in ("concept", "method")]
+    for model_flags, preset in (([], defaults_for(None, "esd-u", "circle")), (["--model", "/some/other/model"], PAPER)):
+        left_out = settings(erase_arguments(*model_flags), "circle", "esd-u")
+        assert {o.name: left_out[o.name] for o in chosen_by_user} == {o.name: preset[o.name] for o in chosen_by_user}
+        overrides = {option.name: other_value(option, preset[option.name]) for option in chosen_by_user}
+        flags = [word for _, words in overrides.values() for word in words]
+        given = settings(erase_arguments(*model_flags, *flags), "circle", "esd-u")
+        assert {name: given[name] for name in overrides} == {name: value for name, (value, _) in overrides.items()}

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from esd_core import threads
 from esd_core.apply import applied_delta, check_fits
-from esd_core.config import MAX_SEED
+from esd_core.options import MAX_SEED
 from esd_core.diffusers_host import load_pipeline as load_diffusers_pipeline
 from esd_core.erasure_file import ErasureDelta
 
@@ -231,8 +231,8 @@ def format_table(result):
 
 
 def save_grid(path, groups, images_before, images_after=None, per_row=8, scale=3):
-    """PNG grid, one row per prompt group (named on the left): originals, then on the right the
-    erased model's images for the same seeds."""
+    """PNG grid, one row per prompt group (named on the left) under a header: "before" (the original model's
+    images), then on the right "after" (the erased model's, for the same seeds)."""
     def row(images):
         return np.concatenate([np.pad(img.permute(1, 2, 0).numpy(), ((1, 1), (1, 1), (0, 0)), constant_values=1)
                                for img in images[:per_row]], axis=1)
@@ -244,12 +244,17 @@ def save_grid(path, groups, images_before, images_after=None, per_row=8, scale=3
         rows.append(np.concatenate(halves, axis=1))
     grid = Image.fromarray(world.to_uint8(np.concatenate(rows, axis=0)))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    labelled = Image.new("RGB", (grid.width + 70, grid.height), "white")
-    labelled.paste(grid, (70, 0))
+    left, top = 70, 20
+    labelled = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+    labelled.paste(grid, (left, top))
     draw = ImageDraw.Draw(labelled)
+    half = rows[0].shape[1] * scale if images_after is None else (rows[0].shape[1] - 6) // 2 * scale
+    draw.text((left + 4, 4), "before (original model)", fill="black")
+    if images_after is not None:
+        draw.text((left + grid.width - half + 4, 4), "after (erased model, same seeds)", fill="black")
     row_height = grid.height // len(groups)
     for k, group in enumerate(groups):
-        draw.text((4, k * row_height + row_height // 2 - 5), group["name"], fill="black")
+        draw.text((4, top + k * row_height + row_height // 2 - 5), group["name"], fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     labelled.save(path)
 
