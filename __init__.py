@@ -1,7 +1,8 @@
 """ESD concept erasure for ComfyUI: the pack's entry point (ComfyUI imports custom_nodes/<pack>/__init__.py).
 
-Nodes (category conditioning/erasure): Erase Concept (Train), Save Erasure Delta, Apply Erasure Delta,
-Load Erased UNet. Erasures are kept in models/erasures (add ``erasures:`` in extra_model_paths.yaml for more).
+Nodes: Train Concept Erasure (ESD) and Erasure Options (ESD) under "training"; Save Erasure Delta, Apply
+Erasure Delta and Load Erased UNet under "loaders". Erasures are kept in models/erasures (add ``erasures:``
+in extra_model_paths.yaml for more).
 """
 
 try:

@@ -10,6 +10,10 @@ stored weights are never written to, so the input MODEL is untouched. Selected t
 Epsilon from ComfyUI's model: ``apply_model(x, sigma)`` takes k-diffusion inputs ``x = x0 + sigma*eps`` and
 returns the denoised x0 for EPS and V-prediction models alike, so ``eps = (x - denoised) / sigma``, with
 ``x = x_t * sqrt(1 + sigma^2)`` for the DDPM latent ``x_t`` at the 1000-step timestep whose sigma it is.
+
+Memory, with ``gradient_checkpointing`` (as ComfyUI's own trainer): the UNet's outermost blocks recompute their
+activations in backward, and each transformer block's feed-forward runs one batch row at a time. Both replace
+``forward`` on modules the input MODEL shares, so ``release()`` puts every one back.
 """
 
 import logging
@@ -17,7 +21,9 @@ import uuid
 from contextlib import contextmanager
 
 import torch
+import torch.utils.checkpoint
 
+import comfy.ldm.modules.attention
 import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
@@ -29,6 +35,10 @@ from ..esd_core.trainable import TrainableDelta
 
 PREFIX = "diffusion_model."
 DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+# load_models_gpu's memory_required before training: more than any device has, so ComfyUI unloads every other model.
+FREE_EVERY_OTHER_MODEL = 1e20
+# Containers: their own forward is not what the UNet calls (it iterates over them), so their children are patched.
+CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
 
 
 class _Wrapper:
@@ -43,6 +53,54 @@ class _Wrapper:
         if delta is None or self.name not in delta.shapes:
             return weight
         return delta.added_to(self.name, weight)
+
+
+def outermost_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The highest descendants of ``module`` that are not containers (for the ldm UNet: the res blocks, spatial
+    transformers, up/downsamplers and convs inside input_blocks, middle_block, output_blocks, ...)."""
+    blocks = []
+    for child in module.children():
+        blocks += outermost_blocks(child) if isinstance(child, CONTAINERS) else [child]
+    return blocks
+
+
+def row_wise(forward):
+    """``forward`` applied to one row (batch element) at a time, so the feed-forward's wide hidden layer exists for
+    one row only; the same outputs up to float rounding."""
+
+    def run(x, *args, **kwargs):
+        if x.shape[0] == 1:
+            return forward(x, *args, **kwargs)
+        return torch.cat([forward(row, *args, **kwargs) for row in x.split(1)])
+
+    return run
+
+
+_NOT_SET = object()  # a module had no forward attribute of its own (the usual case: its class's forward)
+
+
+class ForwardPatches:
+    """Replaced ``forward`` attributes of modules, with what each module had before, to be put back exactly."""
+
+    def __init__(self):
+        self._saved: list[tuple[torch.nn.Module, object]] = []
+
+    def replace(self, module: torch.nn.Module, wrap) -> None:
+        """Set ``module.forward = wrap(module.forward)``, unless a live ForwardPatches has already replaced it."""
+        if getattr(module.__dict__.get("forward"), "esd_patch", False):
+            return
+        self._saved.append((module, module.__dict__.get("forward", _NOT_SET)))
+        module.forward = wrap(module.forward)
+        module.forward.esd_patch = True
+
+    def undo(self) -> None:
+        """Put every replaced forward back, newest first (a module without its own ``forward`` gets none again)."""
+        while self._saved:
+            module, previous = self._saved.pop()
+            if previous is _NOT_SET:
+                del module.forward
+            else:
+                module.forward = previous
 
 
 def is_sdxl(model) -> bool:
@@ -87,7 +145,7 @@ class ComfyErasureHost(ErasureHost):
     Use it inside ``torch.inference_mode(False)``, and call ``release()`` when done (also on errors).
     """
 
-    def __init__(self, model, clip, resolution: int = 0):
+    def __init__(self, model, clip, resolution: int = 0, gradient_checkpointing: bool = True):
         check_supported(model)
         if clip is None:
             raise ValueError("A CLIP is needed to encode the concept. Connect the CLIP output of the checkpoint loader.")
@@ -98,12 +156,15 @@ class ComfyErasureHost(ErasureHost):
         self.family = family_of(model)
         self.sdxl = is_sdxl(model)
         self.resolution = int(resolution) or default_resolution(model)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         channels = int(getattr(model.model.latent_format, "latent_channels", 4))
         self.latent_shape = (channels, self.resolution // 8, self.resolution // 8)
         self.device = self.patcher.load_device
         self.active_delta: TrainableDelta | None = None
         self._wrapped = False
+        self._others_freed = False
         self._grad_flags: dict[str, bool] = {}
+        self._forward_patches = ForwardPatches()
         sigmas = self.patcher.get_model_object("model_sampling").sigmas.detach().to("cpu", torch.float64)
         self._sigmas = sigmas
         self._alphas_cumprod = (1.0 / (1.0 + sigmas**2)).float()
@@ -146,8 +207,8 @@ class ComfyErasureHost(ErasureHost):
 
     def predict_eps(self, x_t: torch.Tensor, timestep, conds: list) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        if not self._wrapped:  # first use: wrappers in place and the weights' grad flags off before any forward
-            self._load()
+        if not self._others_freed:  # first pass, after the prompts are encoded: this model alone in memory
+            self._load(free_others=True)
         rows = len(conds)
         x_t = x_t.to(self.device, torch.float32)
         if x_t.shape[0] == 1 and rows > 1:
@@ -172,8 +233,9 @@ class ComfyErasureHost(ErasureHost):
         denoised = self.patcher.model.apply_model(x, sigma, c_crossattn=context, **kwargs)
         return ((x - denoised.float()) / sigma.view(-1, 1, 1, 1)).float()
 
-    def _load(self) -> None:
-        """Register the wrappers once, then have ComfyUI load the clone (a fresh load, so they take effect)."""
+    def _load(self, free_others: bool = False) -> None:
+        """Register the wrappers (and the memory patches) once, then have ComfyUI load the clone (a fresh load, so
+        they take effect), fully; with ``free_others`` every other loaded model is unloaded first."""
         if not self._wrapped:
             for module_name, module in self.patcher.model.diffusion_model.named_modules():
                 if not hasattr(module, "weight_function"):
@@ -189,12 +251,58 @@ class ComfyErasureHost(ErasureHost):
             # The clone shares the parent's patches_uuid; a new one makes load_models_gpu reload the weights
             # instead of reusing a load made without our wrappers.
             self.patcher.patches_uuid = uuid.uuid4()
+            if self.gradient_checkpointing:
+                self._patch_forwards()
             self._wrapped = True
-        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        memory_required = FREE_EVERY_OTHER_MODEL if free_others else 0
+        comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
+        self._others_freed = self._others_freed or free_others
+
+    def _patch_forwards(self) -> None:
+        """Gradient checkpointing of the UNet's outermost blocks, and row-wise feed-forwards."""
+        unet = self.patcher.model.diffusion_model
+        for block in outermost_blocks(unet):
+            self._forward_patches.replace(block, self._checkpointed)
+        for module in unet.modules():
+            if isinstance(module, comfy.ldm.modules.attention.BasicTransformerBlock):
+                self._forward_patches.replace(module.ff, row_wise)
+
+    def _checkpointed(self, forward):
+        """``forward`` under non-reentrant gradient checkpointing when gradients are on: its activations are
+        recomputed in backward, with the delta as it was in the forward (attached, on or off) whenever backward
+        runs. Without gradients it just runs."""
+
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            delta = self.active_delta
+            enabled = delta is not None and delta.enabled
+
+            def as_in_the_forward(*args):
+                with self._delta_as(delta, enabled):
+                    return forward(*args, **kwargs)
+
+            return torch.utils.checkpoint.checkpoint(as_in_the_forward, *args, use_reentrant=False)
+
+        return run
+
+    @contextmanager
+    def _delta_as(self, delta: TrainableDelta | None, enabled: bool):
+        """``delta`` attached (or none) and switched on or off, for the duration of a block."""
+        previous, self.active_delta = self.active_delta, delta
+        try:
+            if delta is None:
+                yield
+            else:
+                with delta.switched(enabled):
+                    yield
+        finally:
+            self.active_delta = previous
 
     def release(self) -> None:
-        """Unload the training clone, take the wrappers off the shared modules, and free the memory."""
+        """Unload the training clone, take the wrappers and forward patches off the shared modules, free the memory."""
         self.active_delta = None
+        self._forward_patches.undo()
         try:
             loaded = comfy.model_management.current_loaded_models
             for index in reversed(range(len(loaded))):

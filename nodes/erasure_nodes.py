@@ -1,5 +1,7 @@
 """The ComfyUI nodes of the pack (V3 schema): train an erasure, save it, apply it, load erased UNet weights.
 
+The training node's inputs, and the options node's, are made from the option spec (``esd_core/options.py``).
+
 Every node leaves its input MODEL untouched: it returns a clone carrying patches, which ComfyUI applies when
 the model is loaded and takes off bit-exactly afterwards.
 """
@@ -16,19 +18,21 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-from ..esd_core.config import MODES, SAMPLE_WITH_CHOICES, EraseConfig
-from ..esd_core.erasure_file import SAVE_DTYPES, DamagedErasureError, ErasureDelta, fingerprint
+from ..esd_core.config import EraseConfig
+from ..esd_core.erasure_file import DamagedErasureError, ErasureDelta, fingerprint
 from ..esd_core.esd import NonFiniteLossError, erase
-from ..esd_core.methods import TRAIN_METHODS
+from ..esd_core.options import BY_NAME, DTYPES, ERASE_NODE, OPTIONS, OPTIONS_NODE, SAVE_NODE, Option, defaults, shown_on
 from .comfy_host import PREFIX, ComfyErasureHost, family_of, is_sdxl, unet_tensors
 from .loss_plot import loss_curve_image
 from .unet_files import UnetFileError, diffusers_config, load_unet_weights
 
-CATEGORY = "conditioning/erasure"
+TRAINING = "training"  # ComfyUI's own training nodes' category
+LOADERS = "loaders"  # and its loaders', where saving and applying an erasure sit with the LoRA nodes
 FOLDER = "erasures"
 NO_FILE = "none"
 FINGERPRINT_LIMIT = 100_000_000  # values; above this Apply skips the "trained on other weights" check
 Erasure = io.Custom("ERASURE")
+ErasureOptions = io.Custom("ESD_OPTIONS")
 
 log = logging.getLogger("esd_erasure")
 
@@ -67,172 +71,159 @@ def apply_delta(model, delta: ErasureDelta, strength: float):
     return patched
 
 
-class EraseConcept(io.ComfyNode):
+def node_input(option: Option, **overrides) -> io.Input:
+    """The ComfyUI widget of one option of the spec: its type, default, range and help."""
+    common = dict(default=option.default, tooltip=option.help) | overrides
+    if option.choices:
+        return io.Combo.Input(option.input_name, options=list(option.choices), **common)
+    if option.kind is bool:
+        return io.Boolean.Input(option.input_name, **common)
+    if option.kind is str:
+        return io.String.Input(option.input_name, multiline=option.multiline, **common)
+    bounds = dict(min=option.minimum, max=option.maximum) | ({"step": option.step} if option.step else {})
+    if option.kind is int:  # said outright: the frontend gives a "seed" widget a randomize-after-run control otherwise
+        return io.Int.Input(option.input_name, **bounds, **({"control_after_generate": False} | common))
+    return io.Float.Input(option.input_name, round=False, **bounds, **common)
+
+
+def settings_of(inputs: dict) -> dict:
+    """Node inputs (by input name) as settings (by option name)."""
+    by_input = {option.input_name: option.name for option in OPTIONS}
+    return {by_input[name]: value for name, value in inputs.items() if name in by_input}
+
+
+def train(model, clip, chosen: dict) -> io.NodeOutput:
+    """Train an erasure of ``model`` with the settings ``chosen``; the erased clone, the erasure, its loss curve."""
+    config = EraseConfig.from_settings(chosen)
+    losses: list[float] = []
+    bar = comfy.utils.ProgressBar(config.iterations)
+
+    def progress(iteration: int, loss: float) -> None:
+        losses.append(loss)
+        bar.update_absolute(iteration + 1, config.iterations)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    interrupted = False
+    with torch.inference_mode(False):
+        host = ComfyErasureHost(model, clip, int(chosen["resolution"]), bool(chosen["gradient_checkpointing"]))
+        try:
+            delta = erase(host, config, progress)
+        except comfy.model_management.InterruptProcessingException:
+            interrupted = True  # re-raised below, without the training frames (and their tensors) attached
+        except NonFiniteLossError as error:
+            raise RuntimeError(f"{error} In this node: lower learning_rate.") from error
+        finally:
+            host.release()
+            del host
+    if interrupted:
+        log.info("ESD: training cancelled after %d of %d iterations; nothing was kept.", len(losses), config.iterations)
+        raise comfy.model_management.InterruptProcessingException()
+    log.info("ESD: %s done, final loss %.5g", delta.describe(), losses[-1] if losses else float("nan"))
+    erased = apply_delta(model, delta, 1.0)
+    return io.NodeOutput(erased, delta, loss_curve_image(losses, delta.describe()))
+
+
+TRAIN_DESCRIPTION = (
+    "Erases a concept from the model by ESD fine-tuning (Gandikota et al., ICCV 2023): the erased model, prompted "
+    "with the concept, learns to predict what the original predicts under negative guidance away from it. Returns "
+    "the erased MODEL (the input is untouched), the erasure itself and its loss curve."
+)
+TRAIN_OUTPUTS = [
+    io.Model.Output(display_name="MODEL", tooltip="A copy of the input model with the erasure applied."),
+    Erasure.Output(display_name="ERASURE", tooltip="The erasure (weight delta + metadata); save it or apply it elsewhere."),
+    io.Image.Output(display_name="loss_curve", tooltip="The training loss per iteration."),
+]
+MODEL_INPUT = io.Model.Input("model", tooltip="The model to erase from. It is not changed; an erased copy is returned.")
+CLIP_INPUT = io.Clip.Input("clip", tooltip="The model's text encoder, used to encode the concept and the empty prompt.")
+
+
+class TrainErasure(io.ComfyNode):
+    """What a user decides; every other setting comes from an optional Erasure Options node."""
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="ESDEraseConcept",
-            display_name="Erase Concept (Train)",
-            category=CATEGORY,
-            description=(
-                "Erases a concept from the model by ESD fine-tuning (Gandikota et al., ICCV 2023): the erased model, "
-                "prompted with the concept, learns to predict what the original predicts under negative guidance away "
-                "from it. Returns the erased MODEL (the input is untouched), the erasure itself and its loss curve."
-            ),
+            node_id="ESDTrainErasure",
+            display_name="Train Concept Erasure (ESD)",
+            category=TRAINING,
+            description=TRAIN_DESCRIPTION,
             inputs=[
-                io.Model.Input("model", tooltip="The model to erase from. It is not changed; an erased copy is returned."),
-                io.Clip.Input("clip", tooltip="The model's text encoder, used to encode the concept and the empty prompt."),
-                io.String.Input(
-                    "concept", default="Van Gogh",
-                    tooltip="The text to erase, e.g. an artist, a style or an object. Comma-separate several concepts.",
-                ),
-                io.String.Input(
-                    "erase_from", default="",
-                    tooltip="Optional: erase the concept only from this text (e.g. erase 'red' from 'car'). "
-                    "Empty: the concept itself. One text for all concepts, or one per concept (comma-separated).",
-                ),
-                io.Combo.Input(
-                    "method", options=list(TRAIN_METHODS), default="esd-x",
-                    tooltip="Which UNet layers are trained. " + "; ".join(f"{m}: {d}" for m, (d, _) in TRAIN_METHODS.items()),
-                ),
-                io.Int.Input("iterations", default=1000, min=1, max=100000, tooltip="Training iterations. The paper uses 1000."),
-                io.Float.Input(
-                    "learning_rate", default=1e-5, min=1e-9, max=1.0, step=1e-6, round=False,
-                    tooltip="Adam learning rate. The paper uses 1e-5; esd-x on SDXL often needs more (e.g. 2e-4).",
-                ),
-                io.Float.Input(
-                    "negative_guidance", default=1.0, min=0.0, max=100.0, step=0.1,
-                    tooltip="eta in the paper: target = e(from) - eta * (e(concept) - e(empty)). The paper's 1.0 "
-                    "equals 2.0 in the 2025 reference script's convention (its eta is this one plus 1).",
-                ),
-                io.Int.Input(
-                    "sample_steps", default=50, min=1, max=999,
-                    tooltip="DDIM steps of the schedule that x_t is drawn from; each iteration runs a random number of them. "
-                    "A count that divides 1000 (e.g. 50) starts the schedule nearest pure noise.",
-                ),
-                io.Float.Input(
-                    "sample_guidance", default=3.0, min=0.0, max=100.0, step=0.1,
-                    tooltip="Classifier-free guidance scale used while sampling x_t. The paper uses 3.0.",
-                ),
-                io.Combo.Input(
-                    "sample_with", options=list(SAMPLE_WITH_CHOICES), default="trained",
-                    tooltip="Which model samples x_t: the one being trained (the paper), the frozen original (the diffusers script), "
-                    "or mixed: the original for the erased concept, the one being trained for the preserved texts.",
-                ),
-                io.Combo.Input(
-                    "mode", options=list(MODES), default="fast",
-                    tooltip="fast: one sampled trajectory serves several updates (same distribution of x_t and t, far "
-                    "less sampling); reference: a fresh trajectory for every update, as in the paper.",
-                ),
-                io.Int.Input(
-                    "reuse", default=0, min=0, max=1000,
-                    tooltip="fast mode: examples drawn from each sampled trajectory. 0: sample_steps x batch_size / trajectories.",
-                ),
-                io.Int.Input(
-                    "rank", default=0, min=0, max=1024,
-                    tooltip="0: full-rank deltas (the paper). r > 0: each matrix delta is a rank-r product, which "
-                    "keeps esd-u / esd-all from needing a second UNet's worth of optimizer memory.",
-                ),
-                io.Int.Input(
-                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                    tooltip="Seed for the concept order, step counts and noise; the same seed gives the same erasure.",
-                ),
-                io.Int.Input(
-                    "resolution", default=0, min=0, max=4096, step=8,
-                    tooltip="Image size (pixels) of the samples trained on. 0: the model's own (SD1 512, SD2 768, SDXL 1024); "
-                    "smaller is faster.",
-                ),
-                io.String.Input(
-                    "preserve", default="", optional=True, multiline=True,
-                    tooltip="Optional: comma-separated texts the erasure must leave as they were (e.g. other artists, "
-                    "related objects). Each update then also trains on these texts and the empty prompt, towards the "
-                    "original model's predictions.",
-                ),
-                io.Float.Input(
-                    "preserve_weight", default=1.0, optional=True, min=0.0, max=1000.0, step=0.1,
-                    tooltip="Weight of the preservation term against the erasure term (0: off).",
-                ),
-                io.Int.Input(
-                    "trajectories", default=8, optional=True, min=1, max=256,
-                    tooltip="fast mode: trajectories sampled together in one batched pass (more: more varied x_t).",
-                ),
-                io.Int.Input(
-                    "batch_size", default=1, optional=True, min=1, max=256,
-                    tooltip="Examples per update, of the erased texts and again of the preserved ones. The paper uses 1.",
-                ),
-                io.Float.Input(
-                    "repair_fraction", default=0.0, optional=True, min=0.0, max=0.9, step=0.05,
-                    tooltip="Share of the iterations, at the end, that train on the preserved texts alone, to pull back "
-                    "what drifted with the erasure; check that the concept stays erased (it did for some concepts, not for "
-                    "others). Needs texts to preserve. 0: off (the paper).",
-                ),
-                io.Boolean.Input(
-                    "orthogonal_push", default=False, optional=True,
-                    tooltip="Push away from the concept only where it differs from the texts to preserve (the part of its "
-                    "direction orthogonal to theirs, at full length): spares them more, may erase less. Needs texts to "
-                    "preserve. Off: the paper.",
-                ),
-                io.Float.Input(
-                    "preserve_guidance", default=1.0, optional=True, min=1.0, max=30.0, step=0.5,
-                    tooltip="Compare each text to preserve on its guided prediction, as a sampler at this guidance "
-                    "combines it with the empty prompt's, so that drift guidance would magnify counts as much. 1: the "
-                    "plain predictions.",
-                ),
-                io.Float.Input(
-                    "hold_unconditional", default=0.0, optional=True, min=0.0, max=100.0, step=0.5,
-                    tooltip="At each erased example, also train the empty prompt's prediction to stay as it was, with "
-                    "this weight: otherwise it drifts with the concept's, and classifier-free guidance undoes much of the "
-                    "erasure. 0: off (the paper).",
-                ),
+                MODEL_INPUT,
+                CLIP_INPUT,
+                *(node_input(option) for option in shown_on(ERASE_NODE)),
+                ErasureOptions.Input("options", optional=True, tooltip="Optional: settings from an 'Erasure Options (ESD)' "
+                                     "node. Without it every such setting keeps its default."),
             ],
-            outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="A copy of the input model with the erasure applied."),
-                Erasure.Output(display_name="ERASURE", tooltip="The erasure (weight delta + metadata); save it or apply it elsewhere."),
-                io.Image.Output(display_name="loss_curve", tooltip="The training loss per iteration."),
-            ],
+            outputs=TRAIN_OUTPUTS,
         )
 
     @classmethod
-    def execute(cls, model, clip, concept, method, iterations, learning_rate, negative_guidance, sample_steps,
-                sample_guidance, seed, erase_from="", sample_with="trained", mode="fast", reuse=0, rank=0,
-                resolution=0, preserve="", preserve_weight=1.0, trajectories=8, batch_size=1, repair_fraction=0.0,
-                orthogonal_push=False, preserve_guidance=1.0, hold_unconditional=0.0) -> io.NodeOutput:
-        # the defaults serve callers (and saved workflows) from before an input existed
-        config = EraseConfig(
-            concept=concept, erase_from=erase_from or "", method=method, iterations=int(iterations), lr=float(learning_rate),
-            eta=float(negative_guidance), sample_steps=int(sample_steps), sample_guidance=float(sample_guidance),
-            sample_with=sample_with or "trained", seed=int(seed), mode=mode or "fast", reuse=int(reuse or 0),
-            rank=int(rank or 0), preserve=preserve or "", preserve_weight=float(preserve_weight),
-            preserve_guidance=float(preserve_guidance or 1.0), hold_unconditional=float(hold_unconditional or 0.0),
-            repair_fraction=float(repair_fraction or 0.0), orthogonal_push=bool(orthogonal_push),
-            trajectories=int(trajectories or 8), batch_size=int(batch_size or 1),
+    def execute(cls, model, clip, options=None, **inputs) -> io.NodeOutput:
+        return train(model, clip, defaults() | settings_of(options or {}) | settings_of(inputs))
+
+
+class EraseOptions(io.ComfyNode):
+    """The settings most users leave alone, with the spec's defaults; plugs into Train Concept Erasure."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ESDErasureOptions",
+            display_name="Erasure Options (ESD)",
+            category=TRAINING,
+            description="More settings for 'Train Concept Erasure (ESD)': sampling, rank, preservation, memory. "
+            "Connect its output to the training node's options input.",
+            inputs=[node_input(option) for option in shown_on(OPTIONS_NODE)],
+            outputs=[ErasureOptions.Output(display_name="options", tooltip="Plug into 'Train Concept Erasure (ESD)'.")],
         )
-        losses: list[float] = []
-        bar = comfy.utils.ProgressBar(config.iterations)
 
-        def progress(iteration: int, loss: float) -> None:
-            losses.append(loss)
-            bar.update_absolute(iteration + 1, config.iterations)
-            comfy.model_management.throw_exception_if_processing_interrupted()
+    @classmethod
+    def execute(cls, **inputs) -> io.NodeOutput:
+        return io.NodeOutput({option.input_name: inputs[option.input_name] for option in shown_on(OPTIONS_NODE)})
 
-        interrupted = False
-        with torch.inference_mode(False):
-            host = ComfyErasureHost(model, clip, int(resolution or 0))
-            try:
-                delta = erase(host, config, progress)
-            except comfy.model_management.InterruptProcessingException:
-                interrupted = True  # re-raised below, without the training frames (and their tensors) attached
-            except NonFiniteLossError as error:
-                raise RuntimeError(f"{error} In this node: lower learning_rate.") from error
-            finally:
-                host.release()
-                del host
-        if interrupted:
-            log.info("ESD: training cancelled after %d of %d iterations; nothing was kept.", len(losses), config.iterations)
-            raise comfy.model_management.InterruptProcessingException()
-        log.info("ESD: %s done, final loss %.5g", delta.describe(), losses[-1] if losses else float("nan"))
-        erased = apply_delta(model, delta, 1.0)
-        return io.NodeOutput(erased, delta, loss_curve_image(losses, delta.describe()))
+
+# The first training node, as saved workflows hold it: its widgets in their order (the frontend fills widgets by
+# position), the seed with its "control after generate" value, and two settings since removed (their inputs
+# remain so that old workflows load; only their "off" values run).
+LEGACY_WIDGETS = ("concept", "erase_from", "method", "iterations", "lr", "eta", "sample_steps", "sample_guidance",
+                  "sample_with", "mode", "reuse", "rank", "seed", "resolution")
+LEGACY_OPTIONAL = ("preserve", "preserve_weight", "trajectories", "batch_size")
+LEGACY_OPTIONAL_AFTER_REMOVED = ("preserve_guidance", "hold_unconditional")
+REMOVED = {"repair_fraction": 0.0, "orthogonal_push": False}
+
+
+class EraseConceptLegacy(io.ComfyNode):
+    """Kept so that workflows saved with the first training node load and run; hidden from the node menu."""
+
+    @classmethod
+    def define_schema(cls):
+        removed = "Removed (it did not earn its place); only its off value runs. Use 'Train Concept Erasure (ESD)'."
+        return io.Schema(
+            node_id="ESDEraseConcept",
+            display_name="Erase Concept (Train, old)",
+            category=TRAINING,
+            description=TRAIN_DESCRIPTION + " Replaced by 'Train Concept Erasure (ESD)'.",
+            is_deprecated=True,
+            inputs=[
+                MODEL_INPUT,
+                CLIP_INPUT,
+                *(node_input(BY_NAME[name], **({"control_after_generate": True} if name == "seed" else {}))
+                  for name in LEGACY_WIDGETS),
+                *(node_input(BY_NAME[name], optional=True) for name in LEGACY_OPTIONAL),
+                io.Float.Input("repair_fraction", default=0.0, optional=True, min=0.0, max=0.9, tooltip=removed),
+                io.Boolean.Input("orthogonal_push", default=False, optional=True, tooltip=removed),
+                *(node_input(BY_NAME[name], optional=True) for name in LEGACY_OPTIONAL_AFTER_REMOVED),
+            ],
+            outputs=TRAIN_OUTPUTS,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, **inputs) -> io.NodeOutput:
+        for name, off in REMOVED.items():
+            if inputs.pop(name, off) != off:
+                raise ValueError(f"{name} was removed from the pack; set it to {off} in this old node, or replace the node "
+                                 "with 'Train Concept Erasure (ESD)'.")
+        return train(model, clip, defaults() | settings_of(inputs))
 
 
 class SaveErasure(io.ComfyNode):
@@ -241,30 +232,27 @@ class SaveErasure(io.ComfyNode):
         return io.Schema(
             node_id="ESDSaveErasure",
             display_name="Save Erasure Delta",
-            category=CATEGORY,
+            category=LOADERS,
             description="Saves an erasure as a .safetensors weight delta (with its metadata) in models/erasures. "
             "The file also loads with LoraLoaderModelOnly.",
             inputs=[
-                Erasure.Input("erasure", tooltip="The erasure from 'Erase Concept (Train)'."),
+                Erasure.Input("erasure", tooltip="The erasure from 'Train Concept Erasure (ESD)'."),
                 io.String.Input(
                     "filename_prefix", default="esd/erasure",
                     tooltip="File name start, relative to models/erasures; a number and .safetensors are added.",
                 ),
-                io.Combo.Input(
-                    "dtype", options=list(SAVE_DTYPES), default="fp32",
-                    tooltip="Precision of the stored delta. fp32 reproduces the trained model exactly; fp16/bf16 halve the size.",
-                ),
+                node_input(BY_NAME["save_dtype"]),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, erasure, filename_prefix, dtype="fp32") -> io.NodeOutput:
+    def execute(cls, erasure, filename_prefix, dtype=BY_NAME["save_dtype"].default) -> io.NodeOutput:
         if not isinstance(erasure, ErasureDelta):
-            raise ValueError("The erasure input must come from 'Erase Concept (Train)' or 'Apply Erasure Delta'.")
+            raise ValueError("The erasure input must come from 'Train Concept Erasure (ESD)' or 'Apply Erasure Delta'.")
         path = next_free_path(folder_paths.get_folder_paths(FOLDER)[0], filename_prefix)
-        erasure.save(path, SAVE_DTYPES[dtype or "fp32"])
+        erasure.save(path, DTYPES[dtype])
         log.info("ESD: saved %s to %s", erasure.describe(), path)
         return io.NodeOutput(path, ui={"text": [path]})
 
@@ -289,7 +277,7 @@ class ApplyErasure(io.ComfyNode):
         return io.Schema(
             node_id="ESDApplyErasure",
             display_name="Apply Erasure Delta",
-            category=CATEGORY,
+            category=LOADERS,
             description="Applies a saved erasure to a model as a patch (no weight copy; composes with LoRAs).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to apply the erasure to; it is not changed, a patched copy is returned."),
@@ -301,7 +289,7 @@ class ApplyErasure(io.ComfyNode):
                     "strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                     tooltip="1 applies the erasure as trained, 0 leaves the model as it is; values between blend.",
                 ),
-                Erasure.Input("erasure", optional=True, tooltip="Optional: an erasure straight from 'Erase Concept (Train)'."),
+                Erasure.Input("erasure", optional=True, tooltip="Optional: an erasure straight from 'Train Concept Erasure (ESD)'."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the erasure applied."),
@@ -340,7 +328,7 @@ class LoadErasedUNet(io.ComfyNode):
         return io.Schema(
             node_id="ESDLoadErasedUNet",
             display_name="Load Erased UNet",
-            category=CATEGORY,
+            category=LOADERS,
             description=(
                 "Replaces the model's UNet weights with erased ones from a file: full or partial state dicts in ldm or "
                 "diffusers names, .safetensors or .pt/.ckpt (read with weights_only=True), including the published ESD files."
@@ -385,7 +373,7 @@ class LoadErasedUNet(io.ComfyNode):
 class ErasureExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [EraseConcept, SaveErasure, ApplyErasure, LoadErasedUNet]
+        return [TrainErasure, EraseOptions, EraseConceptLegacy, SaveErasure, ApplyErasure, LoadErasedUNet]
 
 
 async def comfy_entrypoint() -> ErasureExtension:

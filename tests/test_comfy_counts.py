@@ -30,7 +30,7 @@ SDXL = {**COMMON, "adm_in_channels": 2816, "num_classes": "sequential", "num_res
         "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
         "use_linear_in_transformer": True, "context_dim": 2048, "num_heads": -1, "num_head_channels": 64}
 
-# (family, method) -> (tensors, values); values from the published table (DESIGN.md section 1)
+# (family, method) -> (tensors, values); values as the ESD paper's reference code counts them
 EXPECTED = {
     ("sd1", "esd-x"): (80, 43_962_560),
     ("sd1", "esd-x-strict"): (32, 19_169_280),

@@ -153,9 +153,9 @@ def test_training_leaves_the_model_untouched_and_releases_the_wrappers(env, comf
     host_module = comfy_env.pack_module("nodes.comfy_host")
     before = {k: v.clone() for k, v in host_module.unet_tensors(model).items()}
     with torch.inference_mode():
-        erased, delta, curve = env["node"]["ESDEraseConcept"].execute(
+        erased, delta, curve = env["node"]["ESDTrainErasure"].execute(
             model=model, clip=clip, concept="a cat", method="esd-x", iterations=2, learning_rate=1e-3,
-            negative_guidance=1.0, sample_steps=3, sample_guidance=3.0, seed=0, resolution=RESOLUTION,
+            negative_guidance=1.0, seed=0, resolution=RESOLUTION, options={"sample_steps": 3},
         ).args
     import gc
 

@@ -53,25 +53,92 @@ def trained(env, loaded):
     model, clip = loaded
     before = sample(env, model, clip)
     with torch.inference_mode():
-        erased, erasure, curve = env["node"]["ESDEraseConcept"].execute(
+        erased, erasure, curve = env["node"]["ESDTrainErasure"].execute(
             model=model, clip=clip, concept="cat", method="esd-x", iterations=3, learning_rate=2e-3,
-            negative_guidance=1.0, sample_steps=4, sample_guidance=3.0, seed=1, resolution=64,
+            negative_guidance=1.0, seed=1, resolution=64, options={"sample_steps": 4},
         ).args
     return before, erased, erasure
 
 
-def test_display_names_and_tooltips(env):
-    expected = {
-        "ESDEraseConcept": "Erase Concept (Train)", "ESDSaveErasure": "Save Erasure Delta",
-        "ESDApplyErasure": "Apply Erasure Delta", "ESDLoadErasedUNet": "Load Erased UNet",
+def test_display_names_categories_and_tooltips(env):
+    expected = {  # ComfyUI's own trainer sits under "training", its LoRA loading and saving under "loaders"
+        "ESDTrainErasure": ("Train Concept Erasure (ESD)", "training"), "ESDErasureOptions": ("Erasure Options (ESD)", "training"),
+        "ESDEraseConcept": ("Erase Concept (Train, old)", "training"), "ESDSaveErasure": ("Save Erasure Delta", "loaders"),
+        "ESDApplyErasure": ("Apply Erasure Delta", "loaders"), "ESDLoadErasedUNet": ("Load Erased UNet", "loaders"),
     }
-    for node_id, name in expected.items():
+    assert set(env["node"]) == set(expected)
+    for node_id, (name, category) in expected.items():
         assert env["nodes"].NODE_DISPLAY_NAME_MAPPINGS[node_id] == name
         info = env["node"][node_id].GET_NODE_INFO_V1()
-        assert info["category"].startswith("conditioning/erasure")
+        assert info["category"] == category
+        assert info["deprecated"] == (node_id == "ESDEraseConcept")  # the old node: hidden from the menu, loads old workflows
         for section in ("required", "optional"):
             for input_name, spec in info["input"].get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{node_id}.{input_name} has no tooltip"
+
+
+def node_inputs(env, node_id) -> dict:
+    info = env["node"][node_id].GET_NODE_INFO_V1()
+    return {name: spec for section in ("required", "optional") for name, spec in info["input"].get(section, {}).items()}
+
+
+def assert_widget_follows_option(spec, option, node_id):
+    kind, settings = spec[0], spec[1]
+    where = f"{node_id}.{option.input_name}"
+    assert settings["default"] == option.default, where
+    assert settings["tooltip"] == option.help, where
+    if option.kind is int:  # a training node must not change its seed after each run: said outright, or the frontend adds it
+        assert settings["control_after_generate"] is False, where
+    if option.choices:
+        assert kind == "COMBO" and settings["options"] == list(option.choices), where
+    else:
+        assert kind == {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}[option.kind], where
+    if option.minimum is not None:
+        assert (settings["min"], settings["max"]) == (option.minimum, option.maximum), where
+
+
+def test_the_nodes_inputs_are_the_option_specs(env):
+    """Each node input is an option of the spec, with its default, range and help; the training node shows at most
+    12 inputs, the options node the rest, the save node the file's precision."""
+    options = comfy_env.pack_module("esd_core.options")
+    train, more, save = (node_inputs(env, n) for n in ("ESDTrainErasure", "ESDErasureOptions", "ESDSaveErasure"))
+    assert len(train) <= 12
+    assert list(train) == ["model", "clip", *(o.input_name for o in options.shown_on(options.ERASE_NODE)), "options"]
+    assert list(more) == [o.input_name for o in options.shown_on(options.OPTIONS_NODE)]
+    assert list(save) == ["erasure", "filename_prefix", *(o.input_name for o in options.shown_on(options.SAVE_NODE))]
+    for node_id, inputs, place in (("ESDTrainErasure", train, options.ERASE_NODE), ("ESDErasureOptions", more, options.OPTIONS_NODE),
+                                   ("ESDSaveErasure", save, options.SAVE_NODE)):
+        for option in options.shown_on(place):
+            assert_widget_follows_option(inputs[option.input_name], option, node_id)
+    # every option the command line has is on a node, but for the device and precision, which ComfyUI chooses
+    on_nodes = {option.name for place in (options.ERASE_NODE, options.OPTIONS_NODE, options.SAVE_NODE) for option in options.shown_on(place)}
+    assert {o.name for o in options.OPTIONS} - on_nodes == {o.name for o in options.shown_on(options.COMMAND_LINE)} == {"device", "dtype"}
+
+
+def test_the_old_training_node_keeps_its_widgets_in_their_order(env):
+    """Saved workflows fill widgets by position: the old node's must stay as they were (the seed with its
+    control-after-generate value), whatever the spec's order."""
+    assert list(node_inputs(env, "ESDEraseConcept")) == [
+        "model", "clip", "concept", "erase_from", "method", "iterations", "learning_rate", "negative_guidance", "sample_steps",
+        "sample_guidance", "sample_with", "mode", "reuse", "rank", "seed", "resolution", "preserve", "preserve_weight",
+        "trajectories", "batch_size", "repair_fraction", "orthogonal_push", "preserve_guidance", "hold_unconditional",
+    ]
+    assert node_inputs(env, "ESDEraseConcept")["seed"][1]["control_after_generate"]
+
+
+def test_the_old_training_node_trains_what_the_new_one_trains_and_refuses_removed_settings(env, loaded):
+    model, clip = loaded
+    shared = dict(model=model, clip=clip, concept="cat", erase_from="", method="esd-u", iterations=2, learning_rate=1e-3,
+                  negative_guidance=1.0, seed=4, resolution=64, preserve="")
+    old_widgets = dict(sample_steps=3, sample_guidance=3.0, sample_with="trained", mode="fast", reuse=0, rank=0)
+    with torch.inference_mode():
+        old = env["node"]["ESDEraseConcept"].execute(**shared, **old_widgets, repair_fraction=0.0, orthogonal_push=False).args[1]
+        new = env["node"]["ESDTrainErasure"].execute(**shared, options=old_widgets).args[1]
+    assert old.deltas.keys() == new.deltas.keys() and old.metadata["rank"] == "0"
+    assert all(torch.equal(old.deltas[name], new.deltas[name]) for name in old.deltas)
+    for removed, value in (("repair_fraction", 0.5), ("orthogonal_push", True)):
+        with pytest.raises(ValueError, match=f"{removed} was removed"):
+            env["node"]["ESDEraseConcept"].execute(**shared, **old_widgets, **{removed: value})
 
 
 def test_sampling_the_original_after_training_is_bit_identical(env, loaded, trained):
@@ -138,9 +205,9 @@ def test_apply_refuses_a_delta_for_another_family_or_shape(env, loaded, trained)
 
 def test_bad_training_inputs_give_clear_errors(env, loaded):
     model, clip = loaded
-    erase = env["node"]["ESDEraseConcept"]
+    erase = env["node"]["ESDTrainErasure"]
     common = dict(model=model, clip=clip, method="esd-x", iterations=1, learning_rate=1e-5, negative_guidance=1.0,
-                  sample_steps=2, sample_guidance=3.0, seed=0, resolution=64)
+                  seed=0, resolution=64, options={"sample_steps": 2})
     with pytest.raises(ValueError, match="concept is empty"):
         erase.execute(concept=" , ", **common)
     with pytest.raises(ValueError, match="erase_from"):
@@ -152,20 +219,20 @@ def test_bad_training_inputs_give_clear_errors(env, loaded):
 
 
 def test_preservation_and_batches_train_inside_comfyui(env, loaded):
-    """The node's preserve / batch_size / trajectories / repair_fraction / orthogonal_push / preserve_guidance /
-    hold_unconditional inputs reach the loop, and the file records them."""
+    """The training node's preserve input and the options node's preserve_weight / batch_size / trajectories /
+    preserve_guidance / hold_unconditional / rank reach the loop, and the file records them."""
     model, clip = loaded
+    options = dict(sample_steps=4, preserve_weight=2.0, trajectories=2, batch_size=2, preserve_guidance=2.5,
+                   hold_unconditional=1.5, rank=2)
     with torch.inference_mode():
-        _, erasure, curve = env["node"]["ESDEraseConcept"].execute(
+        _, erasure, curve = env["node"]["ESDTrainErasure"].execute(
             model=model, clip=clip, concept="cat", method="esd-x", iterations=2, learning_rate=1e-3,
-            negative_guidance=1.0, sample_steps=4, sample_guidance=3.0, seed=1, resolution=64,
-            preserve="dog, a bird", preserve_weight=2.0, trajectories=2, batch_size=2, repair_fraction=0.5,
-            orthogonal_push=True, preserve_guidance=2.5, hold_unconditional=1.5,
+            negative_guidance=1.0, seed=1, resolution=64, preserve="dog, a bird", options=options,
         ).args
     settings = erasure.metadata
     assert (settings["preserve"], settings["preserve_weight"], settings["batch_size"]) == ("dog, a bird", "2.0", "2")
-    assert (settings["repair_fraction"], settings["orthogonal_push"], settings["preserve_guidance"]) == ("0.5", "True", "2.5")
-    assert settings["hold_unconditional"] == "1.5"
+    assert (settings["trajectories"], settings["preserve_guidance"], settings["hold_unconditional"]) == ("2", "2.5", "1.5")
+    assert (settings["rank"], settings["sample_steps"]) == ("2", "4")
     assert any(tensor.abs().max() > 0 for tensor in erasure.deltas.values())
 
 
@@ -190,9 +257,9 @@ def test_interrupt_stops_training_and_leaves_everything_as_it_was(env, loaded):
     host_module.ComfyErasureHost.predict_eps = counting_predict
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
-            env["node"]["ESDEraseConcept"].execute(
+            env["node"]["ESDTrainErasure"].execute(
                 model=model, clip=clip, concept="cat", method="esd-x", iterations=100000, learning_rate=1e-3,
-                negative_guidance=1.0, sample_steps=4, sample_guidance=3.0, seed=2, resolution=64, mode="reference",
+                negative_guidance=1.0, seed=2, resolution=64, options={"sample_steps": 4, "mode": "reference"},
             )
     finally:
         host_module.ComfyErasureHost.predict_eps = original_predict
