@@ -1,8 +1,9 @@
 """Writes the example workflows of this folder (ComfyUI's UI graph format: nodes, links, version).
 
 Run ``python workflows/build_workflows.py`` after changing a node's inputs; ComfyUI lists the .json files of
-this folder in its template browser. Widget values follow each node's widget order (a seed widget with
-"control after generate" takes one extra value: "fixed" / "randomize").
+this folder in its template browser. Widget values follow each node's widget order as the frontend makes it (a
+seed widget with "control after generate" takes one extra value: "fixed" / "randomize"). Then check the layout in
+the real frontend: ``docs/screenshots/take.py`` (no node may cover another; sizes at least the frontend's).
 """
 
 import json
@@ -16,7 +17,8 @@ POSITIVE = "a painting of a starry night over a village, by Van Gogh"
 # Output slots of the nodes used below: name, type.
 OUTPUTS = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
-    "ESDEraseConcept": [("MODEL", "MODEL"), ("ERASURE", "ERASURE"), ("loss_curve", "IMAGE")],
+    "ESDTrainErasure": [("MODEL", "MODEL"), ("ERASURE", "ERASURE"), ("loss_curve", "IMAGE")],
+    "ESDErasureOptions": [("options", "ESD_OPTIONS")],
     "ESDSaveErasure": [("path", "STRING")],
     "ESDApplyErasure": [("MODEL", "MODEL"), ("ERASURE", "ERASURE")],
     "ESDLoadErasedUNet": [("MODEL", "MODEL"), ("report", "STRING")],
@@ -33,7 +35,8 @@ OUTPUTS = {
 # Link inputs, in slot order: name, type.
 INPUTS = {
     "CheckpointLoaderSimple": [],
-    "ESDEraseConcept": [("model", "MODEL"), ("clip", "CLIP")],
+    "ESDTrainErasure": [("model", "MODEL"), ("clip", "CLIP"), ("options", "ESD_OPTIONS")],
+    "ESDErasureOptions": [],
     "ESDSaveErasure": [("erasure", "ERASURE")],
     "ESDApplyErasure": [("model", "MODEL"), ("erasure", "ERASURE")],
     "ESDLoadErasedUNet": [("model", "MODEL")],
@@ -47,19 +50,41 @@ INPUTS = {
     "PreviewAny": [("source", "*")],
     "Note": [],
 }
+OPTIONAL_LINKS = ("options", "erasure", "image2")  # left out of a node's inputs when unconnected, as before
+# Node sizes (width, height of the body, without the 30-pixel title bar): at least what ComfyUI's frontend
+# computes for the node's widgets (it grows a smaller node on load, over its neighbours), checked with
+# docs/screenshots/take.py.
 SIZES = {
-    "CLIPTextEncode": [400, 160], "ESDEraseConcept": [340, 440], "KSampler": [315, 262], "SaveImage": [420, 360],
-    "Note": [360, 220], "ImageStitch": [320, 170], "PreviewImage": [300, 260],
+    "CheckpointLoaderSimple": [360, 100], "ESDTrainErasure": [380, 350], "ESDErasureOptions": [340, 330],
+    "ESDSaveErasure": [340, 90], "ESDApplyErasure": [380, 110], "ESDLoadErasedUNet": [420, 80],
+    "CLIPTextEncode": [380, 160], "EmptyLatentImage": [380, 110], "KSampler": [320, 270], "VAEDecode": [220, 50],
+    "ImageStitch": [320, 150], "SaveImage": [420, 360], "PreviewImage": [340, 280], "PreviewAny": [340, 120],
+    "Note": [360, 300],
 }
+# ComfyUI's frontend gives an INT input named "seed" a "control after generate" widget (one more value in
+# widgets_values, after the seed's) unless the node declares control_after_generate=False, as ESDTrainErasure does:
+# a second run reuses the trained erasure instead of training again with a new seed.
+TRAIN_SEED_CONTROL = []
+TITLE = 30  # LiteGraph's title bar, drawn above a node's pos
+GAP = 40  # between a node's body and the next node's title bar
+
+
+def below(node, gap=GAP):
+    """The y of a node placed under ``node`` (its title bar clear of ``node``'s body)."""
+    return node["pos"][1] + node["size"][1] + TITLE + gap
+
+
+def right_of(node, gap=GAP):
+    return node["pos"][0] + node["size"][0] + gap
 
 
 class Graph:
     def __init__(self):
         self.nodes, self.links = [], []
 
-    def node(self, node_type, pos, widgets=(), title=None):
+    def node(self, node_type, pos, widgets=(), title=None, size=None):
         node = {
-            "id": len(self.nodes) + 1, "type": node_type, "pos": list(pos), "size": SIZES.get(node_type, [315, 110]),
+            "id": len(self.nodes) + 1, "type": node_type, "pos": list(pos), "size": list(size or SIZES[node_type]),
             "flags": {}, "order": len(self.nodes), "mode": 0,
             "inputs": [{"name": n, "type": t, "link": None} for n, t in INPUTS[node_type]],
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(OUTPUTS[node_type])],
@@ -81,7 +106,7 @@ class Graph:
 
     def write(self, name, note):
         for node in self.nodes:  # optional link inputs left unconnected are dropped, as the UI saves them
-            node["inputs"] = [i for i in node["inputs"] if i["link"] is not None or i["name"] not in ("erasure", "image2")]
+            node["inputs"] = [i for i in node["inputs"] if i["link"] is not None or i["name"] not in OPTIONAL_LINKS]
         graph = {
             "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links,
             "groups": [], "config": {}, "extra": {"info": note}, "version": 0.4,
@@ -91,58 +116,63 @@ class Graph:
             handle.write("\n")
 
 
-def note(graph, pos, text):
+def note(graph, pos, text, size=None):
     """A UI-only Note node (the frontend draws it; it never reaches the server)."""
-    node = graph.node("Note", pos, [text], title="Read me")
+    node = graph.node("Note", pos, [text], title="Read me", size=size)
     node["color"], node["bgcolor"] = "#432", "#653"
     return node
 
 
-def prompt_nodes(graph, clip_source, x=420, y=420):
+def prompt_nodes(graph, clip_source, x, y):
     positive = graph.node("CLIPTextEncode", (x, y), [POSITIVE], title="Positive")
-    negative = graph.node("CLIPTextEncode", (x, y + 200), ["blurry, low quality"], title="Negative")
-    latent = graph.node("EmptyLatentImage", (x, y + 400), [512, 512, 1])
+    negative = graph.node("CLIPTextEncode", (x, below(positive)), ["blurry, low quality"], title="Negative")
+    latent = graph.node("EmptyLatentImage", (x, below(negative)), [512, 512, 1])
     for node in (positive, negative):
         graph.link(clip_source, "CLIP", node, "clip")
     return positive, negative, latent
 
 
 def sampler(graph, model_source, positive, negative, latent, vae_source, pos, title):
+    """KSampler and its VAE Decode to the right of it; returns both."""
     ksampler = graph.node("KSampler", pos, [1234, "fixed", 20, 7.0, "euler", "normal", 1.0], title=f"KSampler ({title})")
     graph.link(model_source, "MODEL", ksampler, "model")
     graph.link(positive, "CONDITIONING", ksampler, "positive")
     graph.link(negative, "CONDITIONING", ksampler, "negative")
     graph.link(latent, "LATENT", ksampler, "latent_image")
-    decode = graph.node("VAEDecode", (pos[0] + 340, pos[1]), title=f"Decode ({title})")
+    decode = graph.node("VAEDecode", (right_of(ksampler), pos[1]), title=f"Decode ({title})")
     graph.link(ksampler, "LATENT", decode, "samples")
     graph.link(vae_source, "VAE", decode, "vae")
-    return decode
+    return ksampler, decode
 
 
 def erase_and_compare():
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", (20, 120), [CHECKPOINT])
-    erase = g.node("ESDEraseConcept", (420, 20), [
-        "Van Gogh", "", "esd-x", 1000, 1e-5, 1.0, 50, 3.0, "trained", "fast", 0, 0, 0, "fixed", 0, "", 1.0, 8, 1,
-        0.0, False, 1.0, 0.0,
+    ckpt = g.node("CheckpointLoaderSimple", (20, 60), [CHECKPOINT])
+    erase = g.node("ESDTrainErasure", (right_of(ckpt), 60), [
+        "Van Gogh", "", "", "esd-x", 1000, 1e-5, 1.0, 0, *TRAIN_SEED_CONTROL, 0,
     ])
     g.link(ckpt, "MODEL", erase, "model")
     g.link(ckpt, "CLIP", erase, "clip")
-    save = g.node("ESDSaveErasure", (820, 20), ["esd/van_gogh", "fp32"])
+    note(g, (20, below(ckpt)), "1. Pick your SD1.x / SD2.x / SDXL checkpoint.\n2. Type the concept to erase (esd-x for "
+         "styles and artists, esd-u for objects and nudity); texts in preserve are kept as they were.\n3. Run. "
+         "Training shows its progress on the node and can be cancelled; the erasure is saved to models/erasures "
+         "(load it later with Apply Erasure Delta or LoraLoaderModelOnly).\nBoth samplers use the same seed: left "
+         "the original, right the erased model.\n\nMore settings (sampling steps, rank, preservation, memory): add "
+         "an 'Erasure Options (ESD)' node and connect it to the options input. Without it the paper's defaults "
+         "apply.", size=[360, 230])
+    save = g.node("ESDSaveErasure", (right_of(erase), 60), ["esd/van_gogh", "fp16"])
     g.link(erase, "ERASURE", save, "erasure")
-    curve = g.node("PreviewImage", (820, 180), title="Loss curve")
+    curve = g.node("PreviewImage", (right_of(erase), below(save)), title="Loss curve")
     g.link(erase, "loss_curve", curve, "images")
-    note(g, (20, 300), "1. Pick your SD1.x / SD2.x / SDXL checkpoint.\n2. Type the concept to erase (esd-x for styles "
-         "and artists, esd-u for objects and nudity).\n3. Run. Training shows its progress on the node and can be "
-         "cancelled; the erasure is saved to models/erasures (load it later with Apply Erasure Delta or "
-         "LoraLoaderModelOnly).\nBoth samplers use the same seed: left the original, right the erased model.")
-    positive, negative, latent = prompt_nodes(g, ckpt, y=560)
-    original = sampler(g, ckpt, positive, negative, latent, ckpt, (880, 560), "original")
-    erased = sampler(g, erase, positive, negative, latent, ckpt, (880, 860), "erased")
-    stitch = g.node("ImageStitch", (1580, 560), ["right", True, 16, "white"], title="Original | Erased")
-    g.link(original, "IMAGE", stitch, "image1")
-    g.link(erased, "IMAGE", stitch, "image2")
-    save_image = g.node("SaveImage", (1580, 780), ["esd/compare"])
+    positive, negative, latent = prompt_nodes(g, ckpt, erase["pos"][0], below(erase))
+    sampler_x = right_of(erase)
+    original, decode_original = sampler(g, ckpt, positive, negative, latent, ckpt, (sampler_x, below(curve)), "original")
+    erased, decode_erased = sampler(g, erase, positive, negative, latent, ckpt, (sampler_x, below(original)), "erased")
+    stitch_x = right_of(decode_original)
+    stitch = g.node("ImageStitch", (stitch_x, original["pos"][1]), ["right", True, 16, "white"], title="Original | Erased")
+    g.link(decode_original, "IMAGE", stitch, "image1")
+    g.link(decode_erased, "IMAGE", stitch, "image2")
+    save_image = g.node("SaveImage", (stitch_x, below(stitch)), ["esd/compare"])
     g.link(stitch, "IMAGE", save_image, "images")
     g.write("erase-and-compare.json", "Erase a concept (ESD), save the erasure to models/erasures, and sample the "
             "original and the erased model with the same seed, side by side.")
@@ -150,33 +180,33 @@ def erase_and_compare():
 
 def apply_delta():
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", (20, 120), [CHECKPOINT])
-    apply = g.node("ESDApplyErasure", (420, 20), ["esd/van_gogh_00001.safetensors", 1.0])
+    ckpt = g.node("CheckpointLoaderSimple", (20, 60), [CHECKPOINT])
+    apply = g.node("ESDApplyErasure", (right_of(ckpt), 60), ["esd/van_gogh_00001.safetensors", 1.0])
     g.link(ckpt, "MODEL", apply, "model")
-    note(g, (20, 300), "Pick a delta file from models/erasures (written by Save Erasure Delta). Strength 1 applies "
-         "the erasure as trained, 0 leaves the model unchanged. The delta is a patch: it composes with LoRAs and "
-         "never changes the loaded checkpoint.")
-    positive, negative, latent = prompt_nodes(g, ckpt, y=260)
-    decode = sampler(g, apply, positive, negative, latent, ckpt, (880, 260), "erased")
-    save_image = g.node("SaveImage", (1580, 260), ["esd/applied"])
+    note(g, (20, below(ckpt)), "Pick a delta file from models/erasures (written by Save Erasure Delta). Strength 1 "
+         "applies the erasure as trained, 0 leaves the model unchanged. The delta is a patch: it composes with LoRAs "
+         "and never changes the loaded checkpoint.", size=[360, 130])
+    positive, negative, latent = prompt_nodes(g, ckpt, apply["pos"][0], below(apply))
+    _, decode = sampler(g, apply, positive, negative, latent, ckpt, (right_of(positive), positive["pos"][1]), "erased")
+    save_image = g.node("SaveImage", (right_of(decode), positive["pos"][1]), ["esd/applied"])
     g.link(decode, "IMAGE", save_image, "images")
     g.write("apply-delta.json", "Apply a saved erasure (models/erasures) to a checkpoint at a strength, then sample.")
 
 
 def load_erased_unet():
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", (20, 120), [CHECKPOINT])
-    load = g.node("ESDLoadErasedUNet", (420, 20), ["erasures/diffusers-VanGogh-ESDx1-UNET.pt"])
+    ckpt = g.node("CheckpointLoaderSimple", (20, 60), [CHECKPOINT])
+    load = g.node("ESDLoadErasedUNet", (right_of(ckpt), 60), ["erasures/diffusers-VanGogh-ESDx1-UNET.pt"])
     g.link(ckpt, "MODEL", load, "model")
-    report = g.node("PreviewAny", (820, 20), title="What was replaced")
-    g.link(load, "report", report, "source")
-    note(g, (1240, 20), "Put the published erased weights in models/erasures or models/diffusion_models: full "
-         "diffusers-named .pt (e.g. diffusers-VanGogh-ESDx1-UNET.pt), CompVis .ckpt, or partial .safetensors. "
+    note(g, (20, below(ckpt)), "Put the published erased weights in models/erasures or models/diffusion_models: "
+         "full diffusers-named .pt (e.g. diffusers-VanGogh-ESDx1-UNET.pt), CompVis .ckpt, or partial .safetensors. "
          "The base checkpoint must be the model they were erased from (SD1.4/1.5 for the original ESD files). "
-         "Pickle files are read with weights_only=True only.")
-    positive, negative, latent = prompt_nodes(g, ckpt, y=280)
-    decode = sampler(g, load, positive, negative, latent, ckpt, (880, 280), "erased UNet")
-    save_image = g.node("SaveImage", (1580, 280), ["esd/erased_unet"])
+         "Pickle files are read with weights_only=True only.", size=[360, 150])
+    report = g.node("PreviewAny", (right_of(load), 60), title="What was replaced")
+    g.link(load, "report", report, "source")
+    positive, negative, latent = prompt_nodes(g, ckpt, load["pos"][0], below(report))
+    _, decode = sampler(g, load, positive, negative, latent, ckpt, (right_of(positive), positive["pos"][1]), "erased UNet")
+    save_image = g.node("SaveImage", (right_of(decode), positive["pos"][1]), ["esd/erased_unet"])
     g.link(decode, "IMAGE", save_image, "images")
     g.write("load-erased-unet.json", "Replace a checkpoint's UNet with published erased weights (ESD .pt, CompVis "
             ".ckpt or partial .safetensors), then sample.")
