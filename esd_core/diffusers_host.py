@@ -78,7 +78,7 @@ class DiffusersHost(ErasureHost):
         """Whether the delta goes into the weights: only in fp32 (in bf16 a small delta would round away) and only
         when the selected weights are small, since each training pass keeps a ``weight + delta`` copy of them for
         backward. There it is the faster way, since each layer then runs once, not once more (thinly) for its
-        delta (the tiny world's erasures: README, "Speed and memory")."""
+        delta (the tiny world's erasures: docs/benchmarks.md)."""
         size = sum(math.prod(shape) for shape in delta.shapes.values()) * self.dtype.itemsize
         return self.dtype == torch.float32 and size <= WEIGHT_DELTA_MAX_BYTES
 
@@ -173,7 +173,7 @@ class _AddedDelta(torch.nn.Module):
 def feed_forwards_row_wise(unet, device: torch.device, gradient_checkpointing: bool) -> bool:
     """Whether each feed-forward runs one row at a time, which saves memory but costs time: 13% on an H200 (200
     esd-x updates of an SD1.5 UNet at 512x512: 39.5 s against 34.8 s) and 6-22% of the tiny world's erasure on 2 CPU
-    threads (README, "Speed and memory"). So a GPU does only in the memory-saving mode, with gradient checkpointing,
+    threads (docs/benchmarks.md). So a GPU does only in the memory-saving mode, with gradient checkpointing,
     and the CPU for a UNet over ``WHOLE_FEED_FORWARD_MAX_BYTES`` of weights (SD1.5: 3.3 GiB in fp32), whose many-row
     sampling passes would otherwise set the peak. (The weights' size stands in for the activations', which holds
     at a UNet's own resolution.)"""

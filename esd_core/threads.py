@@ -2,7 +2,7 @@
 
 On 2 CPU cores, torch's intra-op threads leave much of the second core idle on the tiny world's small
 operations: sampling its evaluation images took 20-27% less time as two threads on half the images each,
-with one intra-op thread apiece (``docs/benchmarks/eval_threads.py``; README, "Speed and memory"). The
+with one intra-op thread apiece (``docs/benchmarks/eval_threads.py``; docs/benchmarks.md). The
 images come out bit-identical.
 """
 

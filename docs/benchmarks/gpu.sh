@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU figures, in one run (about 10 minutes of an H200): the SD1.5 target (esd-x, 1000 fast updates at
+# The GPU figures of docs/benchmarks.md, in one run (about 10 minutes of an H200): the SD1.5 target (esd-x, 1000 fast updates at
 # 512x512), then peak memory of each case at SD1.5 size and 512x512 and at SDXL size and 1024x1024, in bf16
 # (4 updates, 10 sampling steps: enough for the peak, not for timing).
 # Usage: bash docs/benchmarks/gpu.sh [OUTPUT_FOLDER]   (needs the package installed, or the repository root on PYTHONPATH)
