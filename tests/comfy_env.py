@@ -226,6 +226,15 @@ def tiny_checkpoint() -> str:
     return path
 
 
+def load_tiny_model():
+    """The tiny checkpoint as ComfyUI's loader gives it, inside inference mode as ComfyUI runs every node: (MODEL, CLIP)."""
+    import comfy.sd
+
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(tiny_checkpoint(), output_vae=True, output_clip=True)
+    return model, clip
+
+
 def install_checkpoint(base: str) -> str:
     """Link (or copy) the tiny checkpoint into <base>/models/checkpoints; return its file name there."""
     source = tiny_checkpoint()

@@ -35,11 +35,7 @@ def env():
 
 @pytest.fixture(scope="module")
 def comfy_model(env):
-    import comfy.sd
-
-    with torch.inference_mode():  # as ComfyUI runs every node
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(comfy_env.tiny_checkpoint(), output_vae=True, output_clip=True)
-    return model, clip
+    return comfy_env.load_tiny_model()
 
 
 @pytest.fixture(scope="module")
