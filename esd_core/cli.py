@@ -83,8 +83,9 @@ def add_option(parser: argparse.ArgumentParser, option: Option, **overrides) -> 
     elif option.kind is not str:
         kwargs["type"] = finite_float if option.kind is float else int
     tiny = tiny_world_default(option.name) if option.shown_on != COMMAND_LINE else ""
-    default = f"default {option.default!r}" if option.kind is str else f"default {option.default}"
-    kwargs["help"] = f"{option.help} ({default}{'; tiny world: ' + tiny if tiny else ''})".replace("%", "%%")
+    notes = [] if overrides.get("required") else [f"default {option.default!r}" if option.kind is str else f"default {option.default}"]
+    notes += [f"tiny world: {tiny}"] if tiny else []
+    kwargs["help"] = (option.help + (f" ({'; '.join(notes)})" if notes else "")).replace("%", "%%")
     parser.add_argument(option.flag, **{**kwargs, **overrides})
 
 
@@ -165,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iterations", type=positive_int, help="updates per case (random weights default 4; tiny world: its preset)")
     bench.add_argument("--resolution", type=int, default=256, help="random weights: image size in pixels")
     bench.add_argument("--sample-steps", type=int, default=50)
-    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    bench.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
+    for option in (BY_NAME["device"], BY_NAME["dtype"]):
+        add_option(bench, option, default=option.default)
     bench.add_argument("--n", type=positive_int, default=64, help="tiny world: images per prompt group")
     bench.add_argument("--json", help="write all figures here")
     return parser

@@ -67,9 +67,10 @@ EraseConfig = make_dataclass(
     [(option.name, option.kind, field(default=option.default)) for option in CONFIG_OPTIONS],
     bases=(_Settings,),
     frozen=True,
+    kw_only=True,
 )
 EraseConfig.__module__ = __name__
-EraseConfig.__doc__ = "What to erase and how: one field per option of ``options.CONFIG_OPTIONS``, defaults the paper's."
+EraseConfig.__doc__ = "What to erase and how: one field per option of ``options.CONFIG_OPTIONS``, with its default."
 
 
 def parse_concepts(text: str) -> list[str]:

@@ -30,11 +30,6 @@ METHOD_ALIASES = {
 TRAINABLE_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def method_choices() -> list[str]:
-    """Every accepted method name, canonical names first."""
-    return list(TRAIN_METHODS) + list(METHOD_ALIASES)
-
-
 def resolve_method(name: str) -> str:
     """Map a method name or alias to its canonical name, or raise a ValueError listing the valid ones."""
     key = name.strip().lower()

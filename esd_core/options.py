@@ -1,4 +1,7 @@
-"""Every erase option, declared once: name, default (the paper's), range, one-line help, and where it shows.
+"""Every erase option, declared once: name, default, range, one-line help, and where it shows.
+
+The defaults are the paper's, but for two that make a real model fit a consumer GPU: esd-u and esd-all train
+rank-8 deltas (rank -1, auto), and gradient checkpointing is on.
 
 The command line's flags (``cli.py``), EraseConfig's fields and checks (``config.py``) and the ComfyUI nodes'
 inputs (``nodes/erasure_nodes.py``) are all generated from ``OPTIONS``, so a default cannot differ between them.
@@ -129,7 +132,7 @@ OPTIONS = (
            "so that one batch of trajectories serves about sample_steps updates.", minimum=0, maximum=100_000),
     Option("save_dtype", "fp16", "Precision of the written delta (fp16 and bf16 halve the file; fp32 keeps the trained "
            "values exactly).", SAVE_NODE, choices=tuple(DTYPES), in_config=False, node_name="dtype"),
-    Option("device", "auto", "Where to train: a CUDA GPU if one is visible (auto), or the CPU.", COMMAND_LINE,
+    Option("device", "auto", "Where to run: a CUDA GPU if one is visible (auto), or the CPU.", COMMAND_LINE,
            choices=("auto", "cpu", "cuda"), in_config=False),
     Option("dtype", "auto", "UNet and text-encoder precision (auto: bf16 on a GPU, fp32 on the CPU); the deltas train "
            "in fp32 either way.", COMMAND_LINE, choices=("auto", *DTYPES), in_config=False),
@@ -144,7 +147,7 @@ def shown_on(place: str) -> tuple[Option, ...]:
 
 
 def defaults() -> dict:
-    """Every option's default: the paper's settings, for any model."""
+    """Every option's default, for any model (the tiny world's own are in ``presets``)."""
     return {option.name: option.default for option in OPTIONS}
 
 

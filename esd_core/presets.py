@@ -1,11 +1,11 @@
-"""Default erase settings: the paper's (the option spec's defaults) for any model, tuned ones for the shipped tiny world.
+"""Default erase settings: the option spec's for any model, tuned ones for the shipped tiny world.
 
 The tiny world's UNet and text encoder are a few million parameters trained on synthetic shapes; the
 paper's lr 1e-5 for 1000 iterations barely moves them (docs/tiny-world-tuning.md), and without a preservation
 term an erased shape takes its neighbours with it. So it gets its own settings, the same for every
 concept of a method: a higher rate, eight examples per update, the world's concepts that an erasure puts at
-risk as texts to preserve, and for the methods that train the whole UNet low-rank deltas (esd-u also a
-stronger negative guidance, balanced by "mixed" sampling and a heavier preservation term).
+risk as texts to preserve, and for esd-u a stronger negative guidance, balanced by "mixed" sampling and a
+heavier preservation term.
 """
 
 import os
@@ -14,7 +14,7 @@ from .config import parse_concepts
 from .options import defaults
 from .tinyworld.world import COLOURS, DEFAULT_MODEL_DIR, SHAPES, SYNONYMS, kind_of
 
-PAPER = defaults()
+PAPER = defaults()  # the paper's settings, with rank-8 esd-u and gradient checkpointing (esd_core/options.py)
 # batch_size 8: with one example per update, Adam's noise alone degraded the other shapes (measured, circle
 # with esd-u: square 97% -> 38% at batch 1, -> 81% at batch 4, circle erased either way). With esd-u then at
 # eta 6 and every other shape and colour preserved, batch 4 still let erasing circle cost the star 14.1 points
@@ -40,7 +40,8 @@ TINY_WORLD_BY_METHOD = {
 # For help texts: the tiny world's defaults that depend on the concept.
 TINY_WORLD_NOTES = {
     "method": "esd-u when the concept names only shapes, else esd-x",
-    "preserve": "the concepts an erasure puts at risk: for a shape the other shapes, else every other shape and colour",
+    "preserve": "the concepts an erasure puts at risk: for a shape the other shapes, else every other shape and colour; "
+    "\"\" for none",
 }
 
 
@@ -81,7 +82,7 @@ def tiny_world_preserve(concept: str) -> str:
 
 
 def defaults_for(model: str | None, method: str, concept: str) -> dict:
-    """The settings a user gets for what they leave out: tiny-world ones for the shipped model, else the paper's."""
+    """The settings a user gets for what they leave out: tiny-world ones for the shipped model, else the spec's."""
     if not is_tiny_world(model):
         return PAPER
     return {**TINY_WORLD, **TINY_WORLD_BY_METHOD.get(method, {}), "preserve": tiny_world_preserve(concept)}

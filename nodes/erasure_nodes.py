@@ -21,7 +21,7 @@ from comfy_api.latest import ComfyExtension, io
 from ..esd_core.config import EraseConfig
 from ..esd_core.erasure_file import DamagedErasureError, ErasureDelta, fingerprint
 from ..esd_core.esd import NonFiniteLossError, erase
-from ..esd_core.options import BY_NAME, DTYPES, ERASE_NODE, OPTIONS, OPTIONS_NODE, SAVE_NODE, Option, defaults, shown_on
+from ..esd_core.options import COMMAND_LINE, DTYPES, ERASE_NODE, OPTIONS, OPTIONS_NODE, SAVE_NODE, BY_NAME, Option, defaults, shown_on
 from .comfy_host import PREFIX, ComfyErasureHost, family_of, is_sdxl, unet_tensors
 from .loss_plot import loss_curve_image
 from .unet_files import UnetFileError, diffusers_config, load_unet_weights
@@ -88,7 +88,7 @@ def node_input(option: Option, **overrides) -> io.Input:
 
 def settings_of(inputs: dict) -> dict:
     """Node inputs (by input name) as settings (by option name)."""
-    by_input = {option.input_name: option.name for option in OPTIONS}
+    by_input = {option.input_name: option.name for option in OPTIONS if option.shown_on != COMMAND_LINE}
     return {by_input[name]: value for name, value in inputs.items() if name in by_input}
 
 
@@ -223,7 +223,8 @@ class EraseConceptLegacy(io.ComfyNode):
             if inputs.pop(name, off) != off:
                 raise ValueError(f"{name} was removed from the pack; set it to {off} in this old node, or replace the node "
                                  "with 'Train Concept Erasure (ESD)'.")
-        return train(model, clip, defaults() | settings_of(inputs))
+        given = {name: value for name, value in settings_of(inputs).items() if value is not None}  # old prompts may hold blanks
+        return train(model, clip, defaults() | given)
 
 
 class SaveErasure(io.ComfyNode):
@@ -241,7 +242,7 @@ class SaveErasure(io.ComfyNode):
                     "filename_prefix", default="esd/erasure",
                     tooltip="File name start, relative to models/erasures; a number and .safetensors are added.",
                 ),
-                node_input(BY_NAME["save_dtype"]),
+                *(node_input(option) for option in shown_on(SAVE_NODE)),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
             is_output_node=True,

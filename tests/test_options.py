@@ -79,3 +79,33 @@ def test_rank_minus_one_stands_for_low_rank_on_whole_unet_methods_and_full_rank_
     assert EraseConfig(concept="x", method="full").rank == 8
     assert EraseConfig(concept="x", method="esd-x").rank == 0
     assert EraseConfig(concept="x", method="esd-u", rank=0).rank == 0
+
+
+def test_every_input_a_node_shows_names_one_option():
+    names = [option.input_name for option in OPTIONS if option.shown_on != COMMAND_LINE]
+    assert len(names) == len(set(names))
+
+
+def test_config_fields_are_keyword_only():
+    with pytest.raises(TypeError):
+        EraseConfig("x")
+
+
+@pytest.mark.parametrize("concept, expected", [
+    ("circle", dict(method="esd-u", iterations=300, lr=1e-3, batch_size=8, eta=4.0, sample_with="mixed", preserve_weight=2.0,
+                    preserve_guidance=3.0, hold_unconditional=1.0, rank=8, preserve="square, triangle, star")),
+    ("red", dict(method="esd-x", iterations=300, lr=1e-3, batch_size=8, eta=1.0, sample_with="trained", preserve_weight=1.0,
+                 preserve_guidance=1.0, hold_unconditional=0.0, rank=0,
+                 preserve="circle, square, triangle, star, green, blue, yellow")),
+])
+def test_the_demo_trains_the_tiny_worlds_validated_settings(concept, expected):
+    """The settings the tiny world's measured results were obtained with, as ``esd-erase demo`` resolves them."""
+    from esd_core.cli import settings
+    from esd_core.presets import tiny_world_method
+
+    args = build_parser().parse_args(["demo", "--concept", concept])
+    chosen = settings(args, concept, tiny_world_method(concept))
+    config = EraseConfig.from_settings(chosen)
+    assert {name: getattr(config, name) for name in expected} == expected
+    assert (config.sample_steps, config.sample_guidance, config.mode, config.trajectories, config.reuse) == (50, 3.0, "fast", 8, 0)
+    assert (chosen["gradient_checkpointing"], chosen["resolution"], chosen["save_dtype"]) == (False, 0, "fp16")

@@ -63,8 +63,7 @@ SIZES = {
 }
 # ComfyUI's frontend gives an INT input named "seed" a "control after generate" widget (one more value in
 # widgets_values, after the seed's) unless the node declares control_after_generate=False, as ESDTrainErasure does:
-# a second run reuses the trained erasure instead of training again with a new seed.
-TRAIN_SEED_CONTROL = []
+# a second run reuses the trained erasure instead of training again with a new seed. So its seed takes one value.
 TITLE = 30  # LiteGraph's title bar, drawn above a node's pos
 GAP = 40  # between a node's body and the next node's title bar
 
@@ -149,7 +148,7 @@ def erase_and_compare():
     g = Graph()
     ckpt = g.node("CheckpointLoaderSimple", (20, 60), [CHECKPOINT])
     erase = g.node("ESDTrainErasure", (right_of(ckpt), 60), [
-        "Van Gogh", "", "", "esd-x", 1000, 1e-5, 1.0, 0, *TRAIN_SEED_CONTROL, 0,
+        "Van Gogh", "", "", "esd-x", 1000, 1e-5, 1.0, 0, 0,
     ])
     g.link(ckpt, "MODEL", erase, "model")
     g.link(ckpt, "CLIP", erase, "clip")
@@ -158,7 +157,7 @@ def erase_and_compare():
          "Training shows its progress on the node and can be cancelled; the erasure is saved to models/erasures "
          "(load it later with Apply Erasure Delta or LoraLoaderModelOnly).\nBoth samplers use the same seed: left "
          "the original, right the erased model.\n\nMore settings (sampling steps, rank, preservation, memory): add "
-         "an 'Erasure Options (ESD)' node and connect it to the options input. Without it the paper's defaults "
+         "an 'Erasure Options (ESD)' node and connect it to the options input. Without it the defaults "
          "apply.", size=[360, 230])
     save = g.node("ESDSaveErasure", (right_of(erase), 60), ["esd/van_gogh", "fp16"])
     g.link(erase, "ERASURE", save, "erasure")
