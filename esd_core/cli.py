@@ -23,7 +23,7 @@ from .tinyworld.world import DEFAULT_MODEL_DIR
 
 
 def tiny_world_default(name: str) -> str:
-    """The tiny world's default for a setting where it differs from the paper's, for help texts ('' where it does not)."""
+    """The tiny world's default for a setting where it differs from the spec's, for help texts ('' where it does not)."""
     if name in TINY_WORLD_NOTES:
         return TINY_WORLD_NOTES[name]
     usual, esd_u = TINY_WORLD[name], TINY_WORLD_BY_METHOD["esd-u"].get(name, TINY_WORLD[name])
@@ -191,12 +191,12 @@ def erase_config(args, concept: str, method: str) -> EraseConfig:
     return EraseConfig.from_settings(settings(args, concept, method))
 
 
-def train_with_progress(args, config: EraseConfig) -> ErasureDelta:
-    """Load the model and run the erasure with a tqdm bar showing the running loss."""
+def train_with_progress(args, config: EraseConfig, chosen: dict) -> ErasureDelta:
+    """Load the model and run the erasure with a tqdm bar showing the running loss; ``chosen`` (from ``settings``)
+    gives the host's resolution and gradient checkpointing."""
     from .diffusers_host import DiffusersHost, load_pipeline
     from .esd import erase
 
-    chosen = settings(args, config.concept, config.method)
     device = pick_device(args.device)
     pipeline = load_pipeline(model_path(args), args.config, pick_dtype(args.dtype, device), with_vae=False)
     host = DiffusersHost(pipeline, device, chosen["resolution"] or None, chosen["gradient_checkpointing"])
@@ -212,7 +212,7 @@ def run_erase(args) -> None:
     chosen = settings(args, args.concept, args.method or default_method(args.model, args.concept))
     config = EraseConfig.from_settings(chosen)
     check_output_file(args.out, "--out", ".safetensors", args.overwrite, protected=(model_path(args),))
-    erasure = train_with_progress(args, config)
+    erasure = train_with_progress(args, config, chosen)
     erasure.save(args.out, DTYPES[chosen["save_dtype"]])
     print(f"wrote {args.out}: {erasure.describe()}, {erasure.metadata['trained_parameters']} parameters")
 
@@ -282,7 +282,7 @@ def run_demo(args) -> None:
     config = EraseConfig.from_settings(chosen)
     delta_path = os.path.join(args.out_dir, f"erase-{concept}-{config.method}.safetensors")
     check_output_folder(args.out_dir, "--out-dir")
-    erasure = train_with_progress(args, config)
+    erasure = train_with_progress(args, config, chosen)
     erasure.save(delta_path, DTYPES[chosen["save_dtype"]])
     print(f"wrote {delta_path}: {erasure.describe()} in {time.perf_counter() - start:.0f} s")
     json_path = os.path.join(args.out_dir, f"erase-{concept}-{config.method}.json")

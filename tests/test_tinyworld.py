@@ -247,7 +247,7 @@ def test_erase_without_a_method_trains_the_benchmarks_method_on_the_tiny_world(m
     class Trained(Exception):
         pass
 
-    def capture(args, config):
+    def capture(args, config, chosen):
         raise Trained(config.method)
 
     monkeypatch.setattr(cli, "train_with_progress", capture)

@@ -44,7 +44,8 @@ def one_cycle(variant: str, iterations: int) -> float:
     args = cli.build_parser().parse_args(["demo", "--iterations", str(iterations)])
     with mock.patch.object(*VARIANTS[variant]) if VARIANTS[variant] else contextlib.nullcontext():
         start = time.perf_counter()
-        cli.train_with_progress(args, cli.erase_config(args, "circle", "esd-u"))
+        chosen = cli.settings(args, "circle", "esd-u")
+        cli.train_with_progress(args, cli.EraseConfig.from_settings(chosen), chosen)
         return time.perf_counter() - start
 
 

@@ -236,11 +236,12 @@ def save_grid(path, groups, images_before, images_after=None, per_row=8, scale=3
     def row(images):
         return np.concatenate([np.pad(img.permute(1, 2, 0).numpy(), ((1, 1), (1, 1), (0, 0)), constant_values=1)
                                for img in images[:per_row]], axis=1)
+    gap = 6  # white columns between the halves
     rows = []
     for k in range(len(groups)):
         halves = [row(images_before[k])]
         if images_after is not None:
-            halves += [np.ones((halves[0].shape[0], 6, 3)), row(images_after[k])]
+            halves += [np.ones((halves[0].shape[0], gap, 3)), row(images_after[k])]
         rows.append(np.concatenate(halves, axis=1))
     grid = Image.fromarray(world.to_uint8(np.concatenate(rows, axis=0)))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
@@ -248,10 +249,10 @@ def save_grid(path, groups, images_before, images_after=None, per_row=8, scale=3
     labelled = Image.new("RGB", (grid.width + left, grid.height + top), "white")
     labelled.paste(grid, (left, top))
     draw = ImageDraw.Draw(labelled)
-    half = rows[0].shape[1] * scale if images_after is None else (rows[0].shape[1] - 6) // 2 * scale
     draw.text((left + 4, 4), "before (original model)", fill="black")
     if images_after is not None:
-        draw.text((left + grid.width - half + 4, 4), "after (erased model, same seeds)", fill="black")
+        after_starts = (row(images_before[0]).shape[1] + gap) * scale
+        draw.text((left + after_starts + 4, 4), "after (erased model, same seeds)", fill="black")
     row_height = grid.height // len(groups)
     for k, group in enumerate(groups):
         draw.text((4, top + k * row_height + row_height // 2 - 5), group["name"], fill="black")
