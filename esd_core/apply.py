@@ -1,4 +1,4 @@
-"""Applying an erasure delta to a diffusers UNet: temporarily (restored bit-exactly) or for good."""
+"""Applying an erasure (a delta or a LoRA) to a diffusers UNet: temporarily (restored bit-exactly) or for good."""
 
 from contextlib import contextmanager
 
@@ -6,11 +6,23 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .erasure_file import ErasureDelta, model_family
-from .keys import diffusers_to_ldm_names
+from .keys import UnetLayout, diffusers_to_ldm_names
 
 
 def unet_family(unet: UNet2DConditionModel) -> str:
     return model_family(unet.config.cross_attention_dim, unet.config.addition_embed_type == "text_time")
+
+
+def unet_layout(unet: UNet2DConditionModel) -> UnetLayout:
+    """The UNet's layer names in both spellings, to read LoRA files for it."""
+    return UnetLayout.of_unet(unet.state_dict().keys(), dict(unet.config))
+
+
+def load_for(unet: UNet2DConditionModel, path: str) -> ErasureDelta:
+    """Read an erasure file of either format for this UNet, refusing one made for another model."""
+    delta = ErasureDelta.load(path, unet_layout(unet), unet_family(unet))
+    check_fits(unet, delta)
+    return delta
 
 
 def _targets(unet: UNet2DConditionModel, delta: ErasureDelta) -> dict[str, torch.Tensor]:
@@ -24,7 +36,7 @@ def _targets(unet: UNet2DConditionModel, delta: ErasureDelta) -> dict[str, torch
 @torch.no_grad()
 def _add(targets: dict[str, torch.Tensor], delta: ErasureDelta, strength: float) -> None:
     for name, parameter in targets.items():
-        parameter.add_(delta.deltas[name].to(parameter.device, parameter.dtype), alpha=strength)
+        parameter.add_(delta.full(name).to(parameter.device, parameter.dtype), alpha=strength)
 
 
 def check_fits(unet: UNet2DConditionModel, delta: ErasureDelta) -> None:

@@ -1,4 +1,4 @@
-"""Command line: ``esd-erase erase | apply | info | eval | demo | bench`` (also ``python -m esd_core``)."""
+"""Command line: ``esd-erase erase | apply | info | export | eval | demo | bench`` (also ``python -m esd_core``)."""
 
 import argparse
 import json
@@ -14,9 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import BENCH_CASES, BENCH_RANKS, EraseConfig
-from .erasure_file import ErasureDelta, check_usable, summary, write_atomically
+from .erasure_file import ErasureDelta, check_usable, family_from_metadata, file_metadata, summary, write_atomically
+from .keys import BUILT_IN_FAMILIES, UnetLayout
+from .lora_format import save_erasure
 from .methods import TRAIN_METHODS, resolve_method
-from .options import BY_NAME, COMMAND_LINE, DTYPES, OPTIONS, Option
+from .options import BY_NAME, COMMAND_LINE, DTYPES, OPTIONS, SAVE_NODE, Option, shown_on
 from .output_paths import check_new_folder, check_output_file, check_output_folder
 from .presets import TINY_WORLD, TINY_WORLD_BY_METHOD, TINY_WORLD_NOTES, default_method, defaults_for, tiny_world_method
 from .tinyworld.world import DEFAULT_MODEL_DIR
@@ -124,25 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     formatter = argparse.RawDescriptionHelpFormatter
 
-    erase = commands.add_parser("erase", help="train an erasure and write it as a delta file", formatter_class=formatter,
+    erase = commands.add_parser("erase", help="train an erasure and write it as a LoRA (or an exact delta) file", formatter_class=formatter,
                                 description=ERASE_DESCRIPTION, epilog=METHODS_EPILOG)
     _add_model_arguments(erase)
     _add_erase_arguments(erase)
-    erase.add_argument("--out", required=True, help="where to write the .safetensors delta")
+    erase.add_argument("--out", required=True, help="where to write the .safetensors file")
     erase.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never a file of the input model)")
 
     apply = commands.add_parser("apply", help="write a model with an erasure applied")
     _add_model_arguments(apply)
-    apply.add_argument("--delta", required=True, help="an erasure .safetensors file")
+    apply.add_argument("--delta", required=True, help="an erasure file: a delta, or a LoRA made here or elsewhere")
     apply.add_argument("--strength", type=finite_float, default=1.0, help="multiplier of the delta (1 = as trained, 0 = original)")
     apply.add_argument("--out", required=True, help="a new folder (whole pipeline) or a .safetensors file (UNet state dict, diffusers names)")
 
     info = commands.add_parser("info", help="print an erasure file's metadata and tensors")
     info.add_argument("file")
 
+    export = commands.add_parser("export", help="rewrite an erasure file as a LoRA (or a LoRA as an exact delta)")
+    export.add_argument("--delta", required=True, help="an erasure file: a delta, or a LoRA made here or elsewhere")
+    export.add_argument("--out", required=True, help="where to write the new .safetensors file")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument("--model", help="the model the erasure is for, to name its layers (default: the family its "
+                        "header names, else the shipped tiny world)")
+    export.add_argument("--config", help="for a single-file --model: a diffusers folder of the same family")
+    for option in shown_on(SAVE_NODE):
+        add_option(export, option, default=option.default)
+
     evaluate = commands.add_parser("eval", help="tiny world: measure an erasure (rates before/after, intervals, grid)")
     evaluate.add_argument("--model", help="a tiny-world pipeline folder (default: the shipped one)")
-    evaluate.add_argument("--delta", help="the erasure to measure (without it: the base model only)")
+    evaluate.add_argument("--delta", help="the erasure to measure, a delta or a LoRA (without it: the base model only)")
     evaluate.add_argument("--concept", required=True, help="the erased shape or colour, e.g. circle or red")
     evaluate.add_argument("--n", type=positive_int, default=64, help="images per prompt group")
     evaluate.add_argument("--seed", type=int, default=0)
@@ -213,15 +225,18 @@ def run_erase(args) -> None:
     config = EraseConfig.from_settings(chosen)
     check_output_file(args.out, "--out", ".safetensors", args.overwrite, protected=(model_path(args),))
     erasure = train_with_progress(args, config, chosen)
-    erasure.save(args.out, DTYPES[chosen["save_dtype"]])
-    print(f"wrote {args.out}: {erasure.describe()}, {erasure.metadata['trained_parameters']} parameters")
+    print(save_as_chosen(erasure, args.out, chosen))
+
+
+def save_as_chosen(erasure: ErasureDelta, path: str, chosen: dict) -> str:
+    """Write an erasure in the format, rank and precision ``chosen`` says; one line saying what was written."""
+    return save_erasure(erasure, path, chosen["save_format"], chosen["lora_rank"], DTYPES[chosen["save_dtype"]])
 
 
 def run_apply(args) -> None:
-    from .apply import apply_delta
+    from .apply import apply_delta, load_for
     from .diffusers_host import load_pipeline
 
-    delta = ErasureDelta.load(args.delta)
     single_file = args.out.lower().endswith(".safetensors")
     if single_file:
         check_output_file(args.out, "--out")
@@ -229,6 +244,7 @@ def run_apply(args) -> None:
         check_new_folder(args.out, "--out")
     device = pick_device(args.device)
     pipeline = load_pipeline(model_path(args), args.config, pick_dtype(args.dtype, device))
+    delta = load_for(pipeline.unet, args.delta)
     apply_delta(pipeline.unet, delta, args.strength)
     if single_file:
         from safetensors.torch import save_file
@@ -248,10 +264,30 @@ def run_apply(args) -> None:
 
 
 def run_info(args) -> None:
-    """Print a delta file's metadata and tensors; a damaged one too, before saying what is wrong with it."""
+    """Print an erasure file's metadata and tensors; a damaged one too, before saying what is wrong with it."""
     delta = ErasureDelta.load(args.file, check=False)
     print(summary(delta))
     check_usable(args.file, delta.deltas)
+
+
+def run_export(args) -> None:
+    """Rewrite an erasure file in another format (a delta as a LoRA, a LoRA as a delta), at another rank or precision."""
+    check_output_file(args.out, "--out", ".safetensors", args.overwrite, protected=(args.delta,))
+    delta = ErasureDelta.load(args.delta, file_layout(args))
+    chosen = {option.name: getattr(args, option.name) for option in shown_on(SAVE_NODE)}
+    print(save_as_chosen(delta, args.out, chosen))
+
+
+def file_layout(args) -> UnetLayout:
+    """The layer names of the model an erasure file is for: ``--model``'s, else those of the family its header
+    names, else the shipped tiny world's."""
+    from .apply import unet_layout
+    from .diffusers_host import load_pipeline
+
+    family = family_from_metadata(file_metadata(args.delta))
+    if args.model is None and family in BUILT_IN_FAMILIES:
+        return UnetLayout.of_family(family)
+    return unet_layout(load_pipeline(model_path(args), args.config, with_vae=False).unet)
 
 
 def run_eval(args) -> dict:
@@ -283,8 +319,7 @@ def run_demo(args) -> None:
     delta_path = os.path.join(args.out_dir, f"erase-{concept}-{config.method}.safetensors")
     check_output_folder(args.out_dir, "--out-dir")
     erasure = train_with_progress(args, config, chosen)
-    erasure.save(delta_path, DTYPES[chosen["save_dtype"]])
-    print(f"wrote {delta_path}: {erasure.describe()} in {time.perf_counter() - start:.0f} s")
+    print(f"{save_as_chosen(erasure, delta_path, chosen)} ({time.perf_counter() - start:.0f} s)")
     json_path = os.path.join(args.out_dir, f"erase-{concept}-{config.method}.json")
     eval_args = argparse.Namespace(model=args.model, delta=delta_path, concept=concept, n=args.n, seed=0, strength=1.0, json=json_path, grid=None)
     run_eval(eval_args)
@@ -321,6 +356,7 @@ COMMANDS = {
     "erase": run_erase,
     "apply": run_apply,
     "info": run_info,
+    "export": run_export,
     "eval": run_eval,
     "demo": run_demo,
     "bench": run_bench,

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from .apply import unet_family
 from .host import ErasureHost
-from .keys import diffusers_to_ldm_names
+from .keys import UnetLayout, diffusers_to_ldm_names
 from .methods import layer_tensors
 from .trainable import TrainableDelta
 
@@ -51,6 +51,7 @@ class DiffusersHost(ErasureHost):
         self.is_sdxl = config.addition_embed_type == "text_time"
         self.family = unet_family(self.unet)
         self.prediction_type = pipeline.scheduler.config.prediction_type
+        self.prediction = "v" if self.prediction_type == "v_prediction" else "epsilon"
         self._alphas_cumprod = _alphas_cumprod(pipeline.scheduler).to(self.device)
         self._ldm_names = diffusers_to_ldm_names(self.unet.state_dict().keys(), dict(config))
 
@@ -66,6 +67,10 @@ class DiffusersHost(ErasureHost):
 
     def ldm_name(self, name: str) -> str:
         return self._ldm_names[name]
+
+    @property
+    def layout(self) -> UnetLayout:
+        return UnetLayout(self._ldm_names)
 
     @contextmanager
     def attach(self, delta: TrainableDelta):

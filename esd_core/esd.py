@@ -279,7 +279,8 @@ def erase(host: ErasureHost, config: EraseConfig, progress: ProgressCallback | N
     metadata = erasure_metadata(
         config.as_metadata(),
         host.family,
+        host.prediction,
         fingerprint({host.ldm_name(name): base[name] for name in trained.names}),
         trained.parameter_count(),
     )
-    return ErasureDelta(deltas, metadata)
+    return ErasureDelta(deltas, metadata, host.layout)

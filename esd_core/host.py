@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .keys import UnetLayout
 from .trainable import TrainableDelta
 
 
@@ -15,6 +16,7 @@ class ErasureHost(ABC):
     device: torch.device
     latent_shape: tuple[int, int, int]  # (channels, height, width) of one latent
     family: str  # "sd1", "sd2", "sdxl" or "custom(...)": what a delta may be applied to
+    prediction: str  # what the UNet predicts natively: "epsilon" or "v"
 
     @abstractmethod
     def layer_tensors(self) -> dict[str, torch.Tensor]:
@@ -23,6 +25,11 @@ class ErasureHost(ABC):
     @abstractmethod
     def ldm_name(self, name: str) -> str:
         """The ldm (ComfyUI) state-dict name, without ``diffusion_model.``, of a name from ``layer_tensors``."""
+
+    @property
+    @abstractmethod
+    def layout(self) -> UnetLayout:
+        """The UNet's tensor names in both spellings (diffusers and ldm), for writing LoRA files."""
 
     @abstractmethod
     def attach(self, delta: TrainableDelta) -> AbstractContextManager:

@@ -89,3 +89,52 @@ def _cached_mapping(names: frozenset, config_key: tuple) -> tuple:
             "this UNet layout is not one diffusers' ldm converter knows."
         )
     return tuple(proposals.items())
+
+
+BUILT_IN_FAMILIES = ("sd1", "sd2", "sdxl")  # families whose layout is known without the model (``UnetLayout.of_family``)
+
+
+class UnetLayout:
+    """One UNet's tensor names in both spellings, so that files naming its layers either way (a LoRA file's
+    ``lora_unet_down_blocks_0_...``, a PEFT file's ``unet.down_blocks.0...``, ComfyUI's ``diffusion_model.input_blocks...``)
+    can be read, and written in the spelling each tool expects."""
+
+    def __init__(self, ldm_of: dict[str, str]):
+        self.ldm_of = dict(ldm_of)  # diffusers tensor name -> ldm tensor name
+        self.diffusers_of = {ldm: diffusers for diffusers, ldm in self.ldm_of.items()}
+
+    @classmethod
+    def of_unet(cls, names, unet_config: dict) -> "UnetLayout":
+        """The layout of a diffusers UNet, from its state-dict names and config."""
+        return cls(diffusers_to_ldm_names(names, unet_config))
+
+    @classmethod
+    def of_family(cls, family: str) -> "UnetLayout":
+        """The layout every UNet of a Stable Diffusion family shares ("sd1", "sd2", "sdxl"), built without weights."""
+        return _family_layout(family)
+
+    def ldm_modules(self) -> dict[str, str]:
+        """Every layer's name as files spell it, without ``.weight`` -> its ldm module name: diffusers and ldm names,
+        dotted (with ``unet.`` / ``diffusion_model.`` prefixes too) and with underscores for dots (kohya's ``lora_unet_``)."""
+        spellings = {}
+        for diffusers, ldm in self.ldm_of.items():
+            diffusers_module, ldm_module = diffusers.rsplit(".", 1)[0], ldm.rsplit(".", 1)[0]
+            for spelled in (diffusers_module, f"unet.{diffusers_module}", ldm_module, f"diffusion_model.{ldm_module}"):
+                spellings[spelled] = ldm_module
+            for module in (diffusers_module, ldm_module):
+                spellings["lora_unet_" + module.replace(".", "_")] = ldm_module
+        return spellings
+
+
+@lru_cache(maxsize=4)
+def _family_layout(family: str) -> UnetLayout:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .model_configs import FULL_SIZE_UNET_CONFIGS
+
+    if family not in FULL_SIZE_UNET_CONFIGS:
+        raise ValueError(f"No built-in layout for a {family!r} UNet; give the model it was made for.")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**FULL_SIZE_UNET_CONFIGS[family])
+    return UnetLayout.of_unet(unet.state_dict().keys(), dict(unet.config))

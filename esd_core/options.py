@@ -22,6 +22,7 @@ COMMAND_LINE = "command line"  # nowhere else (ComfyUI picks the device and prec
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLE_WITH_CHOICES = ("trained", "frozen", "mixed")
 MODES = ("fast", "reference")
+SAVE_FORMATS = ("lora", "delta")
 MAX_SEED = 2**64 - 1  # the largest seed torch's generators take (and ComfyUI's seed widgets give)
 AUTO_RANK = -1  # rank: low rank for the methods that train the whole UNet, full rank for the others (``auto_rank``)
 
@@ -130,8 +131,14 @@ OPTIONS = (
     Option("trajectories", 8, "Fast mode: trajectories sampled together in one batched pass.", minimum=1, maximum=256),
     Option("reuse", 0, "Fast mode: examples taken from each trajectory. 0: sample_steps x batch_size / trajectories, "
            "so that one batch of trajectories serves about sample_steps updates.", minimum=0, maximum=100_000),
-    Option("save_dtype", "fp16", "Precision of the written delta (fp16 and bf16 halve the file; fp32 keeps the trained "
+    Option("save_dtype", "fp16", "Precision of the written file (fp16 and bf16 halve its size; fp32 keeps the trained "
            "values exactly).", SAVE_NODE, choices=tuple(DTYPES), in_config=False, node_name="dtype"),
+    Option("save_format", "lora", "lora: a LoRA file (kohya keys) that ComfyUI, A1111, Forge and diffusers load; full-rank "
+           "deltas are factored at lora_rank and bias deltas left out. delta: the exact weight differences at full size "
+           "(ComfyUI only).", SAVE_NODE, choices=SAVE_FORMATS, in_config=False),
+    Option("lora_rank", 32, "LoRA format: the rank that full-rank deltas (esd-x) are factored at, by truncated SVD; "
+           "higher is more exact and larger. Low-rank deltas are written at the rank they were trained at.", SAVE_NODE,
+           minimum=1, maximum=1024, in_config=False),
     Option("device", "auto", "Where to run: a CUDA GPU if one is visible (auto), or the CPU.", COMMAND_LINE,
            choices=("auto", "cpu", "cuda"), in_config=False),
     Option("dtype", "auto", "UNet and text-encoder precision (auto: bf16 on a GPU, fp32 on the CPU); the deltas train "

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .erasure_file import LowRank
+
 
 class TrainableDelta:
     """fp32 master deltas (zero at the start) for the tensors an erasure trains."""
@@ -87,11 +89,14 @@ class TrainableDelta:
         finally:
             self.enabled = previous
 
-    def detached(self) -> dict[str, torch.Tensor]:
-        """The learned deltas as plain CPU fp32 tensors at full shape."""
+    def detached(self) -> dict[str, "torch.Tensor | LowRank"]:
+        """The learned deltas as plain CPU fp32 tensors: full ones at their shape, low-rank ones as their factors
+        (never multiplied out here: an esd-u erasure of SD1.5 would take 3 GB at full size)."""
         with torch.no_grad():
-            return {name: self.delta(name).detach().to("cpu", torch.float32).clone() for name in self.shapes}
-
+            stored = {name: tensor.detach().to("cpu", torch.float32).clone() for name, tensor in self.full.items()}
+            for name, (up, down) in self.factors.items():
+                stored[name] = LowRank(up.detach().to("cpu", torch.float32).clone(), down.detach().to("cpu", torch.float32).clone(), self.shapes[name])
+        return {name: stored[name] for name in self.shapes}
 
 
 def _layer(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

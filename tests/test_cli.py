@@ -25,7 +25,7 @@ def files_in(folder):
 
 def test_erase_info_apply_round_trip(tiny_folders, tmp_path, capsys):
     delta_path = tmp_path / "red.safetensors"
-    assert run_erase(tiny_folders["sd1"], delta_path, "--method", "xattn", "--save-dtype", "fp32") == 0
+    assert run_erase(tiny_folders["sd1"], delta_path, "--method", "xattn", "--save-dtype", "fp32", "--save-format", "delta") == 0
     delta = ErasureDelta.load(str(delta_path))
     for key in ("concept", "erase_from", "method", "iterations", "lr", "eta", "sample_steps", "sample_guidance",
                 "sample_with", "seed", "base_family", "base_fingerprint", "created", "package_version", "format_version"):
@@ -148,7 +148,7 @@ def test_ctrl_c_leaves_no_file(tiny_folders, tmp_path, monkeypatch, capsys):
 
 def test_delta_for_another_model_is_refused(tiny_folders, tmp_path, capsys):
     delta_path = tmp_path / "sd1.safetensors"
-    assert run_erase(tiny_folders["sd1"], delta_path) == 0
+    assert run_erase(tiny_folders["sd1"], delta_path, "--save-format", "delta") == 0
     out = tmp_path / "out"
     assert main(["apply", "--model", tiny_folders["sdxl"], "--delta", str(delta_path), "--out", str(out)]) == 2
     assert "trained on a custom(context_dim=32) model and cannot be applied to a custom-xl(context_dim=64)" in capsys.readouterr().err
@@ -167,7 +167,7 @@ def test_not_a_delta_file(tmp_path, capsys):
     bogus = tmp_path / "bogus.safetensors"
     bogus.write_text("nope")
     assert main(["info", str(bogus)]) == 2
-    assert "is not a readable safetensors erasure file" in capsys.readouterr().err
+    assert "is not a readable safetensors file" in capsys.readouterr().err
 
 
 def test_existing_out_is_refused_before_training_unless_overwrite(tiny_folders, tmp_path, capsys, monkeypatch):
@@ -227,13 +227,13 @@ def test_damaged_or_foreign_delta_files_are_refused(tmp_path, capsys, damage):
         assert {"nan": "|delta| max nan", "inf": "|delta| max inf", "empty tensor": "empty", "no tensors": "0 tensors"}[damage] in printed
     damaged = "is damaged: its delta for 'out.2.weight' is empty or not finite"
     assert {"nan": damaged, "inf": damaged, "empty tensor": damaged, "no tensors": "holds no deltas",
-            "model weights": "is not an erasure delta file"}[damage] in error
+            "model weights": "in a format this tool does not read (key 'conv_in.weight')"}[damage] in error
 
 
 def test_eval_refuses_a_delta_for_another_model_before_drawing_images(tiny_folders, tmp_path, capsys, monkeypatch):
     delta_path = tmp_path / "sd1.safetensors"
     assert run_erase(tiny_folders["sd1"], delta_path) == 0
-    monkeypatch.setattr("esd_core.tinyworld.evaluate._run_groups", lambda *a: pytest.fail("drew images before refusing the delta"))
+    monkeypatch.setattr("esd_core.tinyworld.evaluate.run_groups", lambda *a: pytest.fail("drew images before refusing the delta"))
     assert main(["eval", "--delta", str(delta_path), "--concept", "circle", "--n", "1"]) == 2
     assert "cannot be applied" in capsys.readouterr().err
 

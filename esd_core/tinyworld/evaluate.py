@@ -20,10 +20,9 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
 from esd_core import threads
-from esd_core.apply import applied_delta, check_fits
+from esd_core.apply import applied_delta, load_for
 from esd_core.options import MAX_SEED
 from esd_core.diffusers_host import load_pipeline as load_diffusers_pipeline
-from esd_core.erasure_file import ErasureDelta
 
 from . import judge as judge_lib
 from . import world
@@ -143,7 +142,7 @@ def _rate(judged, concept):
     return {**shows, "ci95": wilson_interval(shows["count"], shows["n"]), "striped": striped}
 
 
-def _run_groups(pipe, judge, groups, n, seed):
+def run_groups(pipe, judge, groups, n, seed):
     """Generate and judge n images per group; returns (per-group rates, per-group images)."""
     prompts = [g["prompts"][i % len(g["prompts"])] for g in groups for i in range(n)]
     seeds = [seed + i for _ in groups for i in range(n)]
@@ -170,16 +169,14 @@ def evaluate(model_dir, concept, delta_path=None, n=64, seed=0, grid_path=None, 
         raise ValueError(f"n (images per prompt group) must be at least 1, got {n}.")
     if not 0 <= seed <= MAX_SEED - (n - 1):
         raise ValueError(f"seed must be from 0 to {MAX_SEED - (n - 1)} (image i takes seed + i, at most 2**64 - 1), got {seed}.")
-    delta = None if delta_path is None else ErasureDelta.load(delta_path)
     pipe, judge = load_pipeline(model_dir), judge_lib.load_judge()
-    if delta is not None:
-        check_fits(pipe.unet, delta)  # before any image is drawn
+    delta = None if delta_path is None else load_for(pipe.unet, delta_path)  # refuses a misfit before any image is drawn
     groups = prompt_groups(concept)
-    before, images_before = _run_groups(pipe, judge, groups, n, seed)
+    before, images_before = run_groups(pipe, judge, groups, n, seed)
     after, images_after = [None] * len(groups), None
     if delta is not None:
         with applied_delta(pipe.unet, delta, strength=strength):
-            after, images_after = _run_groups(pipe, judge, groups, n, seed)
+            after, images_after = run_groups(pipe, judge, groups, n, seed)
     result = {
         "model_dir": str(model_dir or world.DEFAULT_MODEL_DIR), "concept": concept,
         "kind": world.kind_of(concept), "synonym": world.SYNONYMS[concept],
@@ -268,7 +265,7 @@ def base_quality(model_dir=None, n=32, seed=0, judge_path=world.DEFAULT_JUDGE_PA
     concepts = world.SHAPES + world.COLOURS
     groups = [{"concept": c, "prompts": concept_prompts(c, name)}
               for c in concepts for name in (c, world.SYNONYMS[c])]
-    rates, _ = _run_groups(pipe, judge, groups, n, seed)
+    rates, _ = run_groups(pipe, judge, groups, n, seed)
     return {c: {"name": rates[2 * i], "synonym": rates[2 * i + 1]} for i, c in enumerate(concepts)}
 
 
