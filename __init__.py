@@ -1,7 +1,7 @@
 """ESD concept erasure for ComfyUI: the pack's entry point (ComfyUI imports custom_nodes/<pack>/__init__.py).
 
-Nodes: Train Concept Erasure (ESD) and Erasure Options (ESD) under "training"; Save Erasure Delta, Apply
-Erasure Delta and Load Erased UNet under "loaders". Erasures are kept in models/erasures (add ``erasures:``
+Nodes: Train Concept Erasure (ESD) and Erasure Options (ESD) under "training"; Save Erasure, Apply
+Erasure and Load Erased UNet under "loaders". Erasures are kept in models/erasures (add ``erasures:``
 in extra_model_paths.yaml for more).
 """
 

@@ -27,9 +27,11 @@ import comfy.ldm.modules.attention
 import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
+import comfy.utils
 
 from ..esd_core.erasure_file import model_family
 from ..esd_core.host import ErasureHost
+from ..esd_core.keys import UnetLayout
 from ..esd_core.methods import layer_tensors
 from ..esd_core.trainable import TrainableDelta
 
@@ -120,6 +122,11 @@ def default_resolution(model) -> int:
     return DEFAULT_RESOLUTION.get(family, 512)
 
 
+def model_layout(model) -> UnetLayout:
+    """A MODEL's UNet names in both spellings, from ComfyUI's own diffusers -> ldm map (the one its LoRA loader uses)."""
+    return UnetLayout(comfy.utils.unet_to_diffusers(model.model.model_config.unet_config))
+
+
 def unet_tensors(model) -> dict[str, torch.Tensor]:
     """Every UNet state-dict tensor of a MODEL by ldm name (no ``diffusion_model.`` prefix); no copies."""
     return {k[len(PREFIX):]: v for k, v in model.model.state_dict().items() if k.startswith(PREFIX)}
@@ -154,6 +161,7 @@ class ComfyErasureHost(ErasureHost):
         self.clip = clip
         self.patcher = model.clone()
         self.family = family_of(model)
+        self.prediction = "v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "epsilon"
         self.sdxl = is_sdxl(model)
         self.resolution = int(resolution) or default_resolution(model)
         self.gradient_checkpointing = bool(gradient_checkpointing)
@@ -176,6 +184,10 @@ class ComfyErasureHost(ErasureHost):
 
     def ldm_name(self, name: str) -> str:
         return name
+
+    @property
+    def layout(self) -> UnetLayout:
+        return model_layout(self.patcher)
 
     @contextmanager
     def attach(self, delta: TrainableDelta):

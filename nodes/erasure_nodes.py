@@ -7,28 +7,32 @@ the model is loaded and takes off bit-exactly afterwards.
 """
 
 import logging
+import math
 import os
 import re
 
 import torch
 from typing_extensions import override
 
+import comfy.lora
 import comfy.model_management
 import comfy.utils
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from ..esd_core.config import EraseConfig
-from ..esd_core.erasure_file import DamagedErasureError, ErasureDelta, fingerprint
+from ..esd_core.erasure_file import DamagedErasureError, ErasureDelta, LowRank, fingerprint
+from ..esd_core.lora_format import save_erasure
 from ..esd_core.esd import NonFiniteLossError, erase
 from ..esd_core.options import COMMAND_LINE, DTYPES, ERASE_NODE, OPTIONS, OPTIONS_NODE, SAVE_NODE, BY_NAME, Option, defaults, shown_on
-from .comfy_host import PREFIX, ComfyErasureHost, family_of, is_sdxl, unet_tensors
+from .comfy_host import PREFIX, ComfyErasureHost, family_of, is_sdxl, model_layout, unet_tensors
 from .loss_plot import loss_curve_image
 from .unet_files import UnetFileError, diffusers_config, load_unet_weights
 
 TRAINING = "training"  # ComfyUI's own training nodes' category
 LOADERS = "loaders"  # and its loaders', where saving and applying an erasure sit with the LoRA nodes
 FOLDER = "erasures"
+SAVE_FOLDERS = (FOLDER, "loras")
 NO_FILE = "none"
 FINGERPRINT_LIMIT = 100_000_000  # values; above this Apply skips the "trained on other weights" check
 Erasure = io.Custom("ERASURE")
@@ -55,9 +59,20 @@ def unet_choices() -> list[str]:
     ]
 
 
-def delta_patches(delta: ErasureDelta) -> dict:
-    """ModelPatcher patches (state-dict key -> ("diff", (tensor,))) that add the delta to the weights."""
-    return {PREFIX + name: ("diff", (tensor,)) for name, tensor in delta.deltas.items()}
+def delta_patches(model, delta: ErasureDelta) -> dict:
+    """ModelPatcher patches that add the delta to the weights, made by ComfyUI's own LoRA loader from the delta in
+    its generic keys (``diffusion_model.<layer>`` + ``.lora_up.weight``/``.lora_down.weight``/``.alpha`` for a low-rank
+    delta, ``.diff``/``.diff_b`` for a full one): so an erasure patches a model as a LoRA file of it would."""
+    state = {}
+    for name, stored in delta.deltas.items():
+        layer, kind = name.rsplit(".", 1)
+        key = PREFIX + layer
+        if isinstance(stored, LowRank):
+            up, down = stored.as_layers()
+            state |= {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.alpha": torch.tensor(float(stored.rank))}
+        else:
+            state[f"{key}.diff" if kind == "weight" else f"{key}.diff_b"] = stored
+    return comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(model.model, {}))
 
 
 def apply_delta(model, delta: ErasureDelta, strength: float):
@@ -65,7 +80,7 @@ def apply_delta(model, delta: ErasureDelta, strength: float):
     delta.check_compatible(unet_tensors(model), family_of(model))
     patched = model.clone()
     if strength != 0:
-        accepted = patched.add_patches(delta_patches(delta), strength)
+        accepted = patched.add_patches(delta_patches(model, delta), strength)
         if len(accepted) != len(delta.deltas):
             raise ValueError(f"Only {len(accepted)} of the {len(delta.deltas)} tensors of the erasure found their layer.")
     return patched
@@ -232,39 +247,46 @@ class SaveErasure(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ESDSaveErasure",
-            display_name="Save Erasure Delta",
+            display_name="Save Erasure",
             category=LOADERS,
-            description="Saves an erasure as a .safetensors weight delta (with its metadata) in models/erasures. "
-            "The file also loads with LoraLoaderModelOnly.",
+            description="Saves an erasure with its metadata: as a LoRA that ComfyUI's LoRA loaders, A1111, Forge and "
+            "diffusers load, or as the exact weight delta. Saved into models/loras, stock LoRA loaders list it.",
             inputs=[
                 Erasure.Input("erasure", tooltip="The erasure from 'Train Concept Erasure (ESD)'."),
                 io.String.Input(
                     "filename_prefix", default="esd/erasure",
-                    tooltip="File name start, relative to models/erasures; a number and .safetensors are added.",
+                    tooltip="File name start, relative to the folder; a number and .safetensors are added.",
                 ),
                 *(node_input(option) for option in shown_on(SAVE_NODE)),
+                io.Combo.Input("folder", options=list(SAVE_FOLDERS), default=FOLDER,
+                               tooltip="erasures: models/erasures, listed by 'Apply Erasure'. loras: models/loras, "
+                               "listed by ComfyUI's LoRA loaders."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, erasure, filename_prefix, dtype=BY_NAME["save_dtype"].default) -> io.NodeOutput:
+    def execute(cls, erasure, filename_prefix, folder=FOLDER, **inputs) -> io.NodeOutput:
         if not isinstance(erasure, ErasureDelta):
-            raise ValueError("The erasure input must come from 'Train Concept Erasure (ESD)' or 'Apply Erasure Delta'.")
-        path = next_free_path(folder_paths.get_folder_paths(FOLDER)[0], filename_prefix)
-        erasure.save(path, DTYPES[dtype])
-        log.info("ESD: saved %s to %s", erasure.describe(), path)
-        return io.NodeOutput(path, ui={"text": [path]})
+            raise ValueError("The erasure input must come from 'Train Concept Erasure (ESD)' or 'Apply Erasure'.")
+        if folder not in SAVE_FOLDERS:
+            raise ValueError(f"folder must be one of {', '.join(SAVE_FOLDERS)}, got {folder!r}.")
+        chosen = {option.name: option.default for option in shown_on(SAVE_NODE)} | settings_of(inputs)
+        path = next_free_path(folder_paths.get_folder_paths(folder)[0], filename_prefix, folder)
+        written = save_erasure(erasure, path, chosen["save_format"], chosen["lora_rank"], DTYPES[chosen["save_dtype"]])
+        log.info("ESD: %s", written)
+        return io.NodeOutput(path, ui={"text": [written]})
 
 
-def next_free_path(folder: str, prefix: str) -> str:
-    """``<folder>/<prefix>_00001.safetensors`` with the next unused number; the prefix may not leave the folder."""
+def next_free_path(folder: str, prefix: str, name: str = FOLDER) -> str:
+    """``<folder>/<prefix>_00001.safetensors`` with the next unused number; the prefix may not leave the folder
+    (called ``models/<name>`` in the error)."""
     prefix = (prefix or "erasure").strip().replace("\\", "/")
     target = os.path.abspath(os.path.join(folder, prefix))
     inside = os.path.commonpath([os.path.abspath(folder), target]) == os.path.abspath(folder)
     if not inside or prefix.endswith("/") or target == os.path.abspath(folder):
-        raise ValueError(f"filename_prefix {prefix!r} must name a file inside models/{FOLDER}, e.g. 'esd/van_gogh'.")
+        raise ValueError(f"filename_prefix {prefix!r} must name a file inside models/{name}, e.g. 'esd/van_gogh'.")
     directory, stem = os.path.split(target)
     os.makedirs(directory, exist_ok=True)
     pattern = re.compile(re.escape(stem) + r"_(\d+)\.safetensors$")
@@ -277,14 +299,15 @@ class ApplyErasure(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ESDApplyErasure",
-            display_name="Apply Erasure Delta",
+            display_name="Apply Erasure",
             category=LOADERS,
-            description="Applies a saved erasure to a model as a patch (no weight copy; composes with LoRAs).",
+            description="Applies a saved erasure (a delta, or a LoRA made here or elsewhere) to a model as a patch "
+            "(no weight copy; composes with LoRAs).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to apply the erasure to; it is not changed, a patched copy is returned."),
                 io.Combo.Input(
                     "erasure_file", options=[NO_FILE] + erasure_files(),
-                    tooltip="A delta file from models/erasures. Ignored when the erasure input is connected.",
+                    tooltip="An erasure file (delta or LoRA) from models/erasures. Ignored when the erasure input is connected.",
                 ),
                 io.Float.Input(
                     "strength", default=1.0, min=-10.0, max=10.0, step=0.01,
@@ -305,18 +328,17 @@ class ApplyErasure(io.ComfyNode):
                 raise ValueError("No erasure given: pick a file in erasure_file (models/erasures) or connect the erasure input.")
             path = folder_paths.get_full_path_or_raise(FOLDER, erasure_file)
             try:
-                erasure = ErasureDelta.load(path)
+                erasure = ErasureDelta.load(path, model_layout(model), family_of(model))
             except DamagedErasureError:
                 raise
             except ValueError as error:
                 raise ValueError(
-                    f"{erasure_file} is not an erasure delta ({error}). Files of full or partial UNet weights load "
-                    "with 'Load Erased UNet'."
+                    f"{erasure_file} cannot be applied: {error} Files of full or partial UNet weights load with 'Load Erased UNet'."
                 ) from error
         patched = apply_delta(model, erasure, float(strength))
         expected = erasure.metadata.get("base_fingerprint")
         # hashing the base weights is cheap for esd-x sized deltas; for esd-u/esd-all it would cost seconds per run
-        if expected and strength != 0 and sum(t.numel() for t in erasure.deltas.values()) <= FINGERPRINT_LIMIT:
+        if expected and strength != 0 and sum(math.prod(d.shape) for d in erasure.deltas.values()) <= FINGERPRINT_LIMIT:
             base = unet_tensors(model)
             if fingerprint({name: base[name] for name in erasure.deltas}) != expected:
                 log.warning("ESD: %s was trained on different base weights than this model's; applying anyway.", erasure.describe())

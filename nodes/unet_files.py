@@ -82,9 +82,9 @@ def _strip(name: str, prefixes) -> str:
 
 def unet_part(flat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
     """The UNet tensors of a flat dict, unprefixed, and which naming they use: ``"ldm"`` or ``"diffusers"``."""
-    if any(key.endswith((".diff", ".diff_b")) for key in flat):
+    if any(key.endswith((".diff", ".diff_b", ".lora_up.weight", ".lora_B.weight")) for key in flat):
         raise UnetFileError(
-            "This file is a weight delta (.diff keys), not UNet weights. Load it with 'Apply Erasure Delta' "
+            "This file is an erasure or a LoRA (weight deltas), not UNet weights. Load it with 'Apply Erasure' "
             "(or LoraLoaderModelOnly) instead."
         )
     if any(key.startswith("model.diffusion_model.") for key in flat):  # full CompVis checkpoint

@@ -59,8 +59,10 @@ def has_input(info: dict, name: str) -> bool:
     return any(name in info["input"].get(section, {}) for section in ("required", "optional"))
 
 
-def check_graph(workflow: dict, object_info: dict) -> None:
-    """The structural checks the UI relies on: known node types, consistent links, widget counts."""
+def check_graph(workflow: dict, object_info: dict, saved_before: bool = False) -> None:
+    """The structural checks the UI relies on: known node types, consistent links, widget counts (``saved_before``: a
+    workflow saved before widgets were added to a node may hold fewer values, and the frontend gives the new widgets
+    their defaults)."""
     assert workflow.get("version") is not None and isinstance(workflow["nodes"], list) and isinstance(workflow["links"], list)
     nodes = {node["id"]: node for node in workflow["nodes"]}
     for link_id, source, slot, target, target_slot, kind in workflow["links"]:
@@ -75,7 +77,8 @@ def check_graph(workflow: dict, object_info: dict) -> None:
         info = object_info[node["type"]]
         widgets = _widget_names(info)
         expected = len(widgets) + sum(extra for _, extra in widgets)
-        assert len(node.get("widgets_values", [])) == expected, (node["type"], node.get("widgets_values"), widgets)
+        saved = len(node.get("widgets_values", []))
+        assert saved == expected or (saved_before and saved < expected), (node["type"], node.get("widgets_values"), widgets)
         for output, (name, kind) in zip(node["outputs"], zip(info["output_name"], info["output"])):
             assert output["type"] == kind, (node["type"], output, kind)
 
@@ -92,8 +95,8 @@ def to_api(workflow: dict, object_info: dict, overrides: dict | None = None) -> 
         inputs = {}
         values = list(node.get("widgets_values", []))
         for name, extra in _widget_names(info):
-            inputs[name] = values.pop(0)
-            if extra:
+            inputs[name] = values.pop(0) if values else widget_defaults(info)[name]  # a widget added after the workflow was saved
+            if extra and values:
                 values.pop(0)
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:

@@ -4,10 +4,12 @@ Needs ComfyUI (COMFYUI_PATH); skips otherwise.
 """
 
 import os
+import shutil
 import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -63,8 +65,8 @@ def trained(env, loaded):
 def test_display_names_categories_and_tooltips(env):
     expected = {  # ComfyUI's own trainer sits under "training", its LoRA loading and saving under "loaders"
         "ESDTrainErasure": ("Train Concept Erasure (ESD)", "training"), "ESDErasureOptions": ("Erasure Options (ESD)", "training"),
-        "ESDEraseConcept": ("Erase Concept (Train, old)", "training"), "ESDSaveErasure": ("Save Erasure Delta", "loaders"),
-        "ESDApplyErasure": ("Apply Erasure Delta", "loaders"), "ESDLoadErasedUNet": ("Load Erased UNet", "loaders"),
+        "ESDEraseConcept": ("Erase Concept (Train, old)", "training"), "ESDSaveErasure": ("Save Erasure", "loaders"),
+        "ESDApplyErasure": ("Apply Erasure", "loaders"), "ESDLoadErasedUNet": ("Load Erased UNet", "loaders"),
     }
     assert set(env["node"]) == set(expected)
     for node_id, (name, category) in expected.items():
@@ -99,13 +101,14 @@ def assert_widget_follows_option(spec, option, node_id):
 
 def test_the_nodes_inputs_are_the_option_specs(env):
     """Each node input is an option of the spec, with its default, range and help; the training node shows at most
-    12 inputs, the options node the rest, the save node the file's precision."""
+    12 inputs, the options node the rest, the save node the file's format, rank and precision (old workflows' saved
+    widgets, the prefix and the precision, come first)."""
     options = comfy_env.pack_module("esd_core.options")
     train, more, save = (node_inputs(env, n) for n in ("ESDTrainErasure", "ESDErasureOptions", "ESDSaveErasure"))
     assert len(train) <= 12
     assert list(train) == ["model", "clip", *(o.input_name for o in options.shown_on(options.ERASE_NODE)), "options"]
     assert list(more) == [o.input_name for o in options.shown_on(options.OPTIONS_NODE)]
-    assert list(save) == ["erasure", "filename_prefix", *(o.input_name for o in options.shown_on(options.SAVE_NODE))]
+    assert list(save) == ["erasure", "filename_prefix", *(o.input_name for o in options.shown_on(options.SAVE_NODE)), "folder"]
     for node_id, inputs, place in (("ESDTrainErasure", train, options.ERASE_NODE), ("ESDErasureOptions", more, options.OPTIONS_NODE),
                                    ("ESDSaveErasure", save, options.SAVE_NODE)):
         for option in options.shown_on(place):
@@ -152,7 +155,7 @@ def test_sampling_the_original_after_training_is_bit_identical(env, loaded, trai
 def test_saved_delta_applies_like_the_stock_lora_loader(env, loaded, trained):
     model, clip = loaded
     before, erased, erasure = trained
-    path = env["node"]["ESDSaveErasure"].execute(erasure=erasure, filename_prefix="tests/cat", dtype="fp32").args[0]
+    path = env["node"]["ESDSaveErasure"].execute(erasure=erasure, filename_prefix="tests/cat", dtype="fp32", save_format="delta").args[0]
     assert os.path.dirname(path) == os.path.join(env["erasures"], "tests") and path.endswith("_00001.safetensors")
     name = os.path.relpath(path, env["erasures"]).replace(os.sep, "/")
     assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".partial")]
@@ -172,7 +175,7 @@ def test_saved_delta_applies_like_the_stock_lora_loader(env, loaded, trained):
     assert torch.equal(sample(env, zero, clip), before)
     assert torch.equal(sample(env, model, clip), before)
 
-    second = env["node"]["ESDSaveErasure"].execute(erasure=erasure, filename_prefix="tests/cat", dtype="fp16").args[0]
+    second = env["node"]["ESDSaveErasure"].execute(erasure=erasure, filename_prefix="tests/cat", dtype="fp16", save_format="delta").args[0]
     assert second.endswith("_00002.safetensors")
     assert type(erasure).load(second).deltas.keys() == erasure.deltas.keys()
     for bad_prefix in ("../outside", "/etc/evil", "tests/"):
@@ -233,7 +236,43 @@ def test_preservation_and_batches_train_inside_comfyui(env, loaded):
     assert (settings["preserve"], settings["preserve_weight"], settings["batch_size"]) == ("dog, a bird", "2.0", "2")
     assert (settings["trajectories"], settings["preserve_guidance"], settings["hold_unconditional"]) == ("2", "2.5", "1.5")
     assert (settings["rank"], settings["sample_steps"]) == ("2", "4")
-    assert any(tensor.abs().max() > 0 for tensor in erasure.deltas.values())
+    assert any(erasure.full(name).abs().max() > 0 for name in erasure.deltas)
+
+
+def test_a_lora_erasure_in_models_loras_applies_as_the_stock_lora_loader_applies_it(env, loaded):
+    """A low-rank erasure saved as a LoRA into models/loras: the stock LoraLoaderModelOnly and Apply Erasure on the
+    same file give the same latents, which are those of the trained erasure without its bias deltas (a LoRA cannot
+    carry them) up to the rounding of its rebalanced factors."""
+    model, clip = loaded
+    before = sample(env, model, clip)
+    with torch.inference_mode():
+        erased, erasure, _ = env["node"]["ESDTrainErasure"].execute(
+            model=model, clip=clip, concept="cat", method="esd-u", iterations=2, learning_rate=2e-3, negative_guidance=1.0,
+            seed=2, resolution=64, options={"sample_steps": 4, "rank": 4},
+        ).args
+    save = env["node"]["ESDSaveErasure"]
+    path = save.execute(erasure=erasure, filename_prefix="tests/cat-lora", dtype="fp32", folder="loras").args[0]
+    loras = env["folder_paths"].get_folder_paths("loras")[0]
+    assert os.path.dirname(path) == os.path.join(loras, "tests")
+    with safe_open(path, framework="pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+    assert metadata["format"] == "esd-erasure-lora" and metadata["ss_base_model_version"] == "sd_v1"
+    assert any(k.startswith("lora_unet_down_blocks_") and k.endswith(".lora_down.weight") for k in keys)
+    assert not any(k.endswith((".diff", ".diff_b")) for k in keys)
+    name = os.path.relpath(path, loras).replace(os.sep, "/")
+    shutil.copy(path, os.path.join(env["erasures"], "cat-lora.safetensors"))
+    with torch.inference_mode():
+        stock = env["nodes"].LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0]
+        ours, read = env["node"]["ESDApplyErasure"].execute(model=model, erasure_file="cat-lora.safetensors", strength=1.0).args
+    with_stock = sample(env, stock, clip)
+    assert torch.equal(sample(env, ours, clip), with_stock)
+    assert not torch.equal(with_stock, before)
+    weights_only = type(erasure)({n: d for n, d in erasure.deltas.items() if n.endswith(".weight")}, erasure.metadata)
+    assert len(weights_only.deltas) == len(read.deltas) < len(erasure.deltas)
+    with torch.inference_mode():
+        in_memory = env["node"]["ESDApplyErasure"].execute(model=model, erasure_file="none", strength=1.0, erasure=weights_only).args[0]
+    assert torch.allclose(with_stock, sample(env, in_memory, clip), rtol=1e-4, atol=1e-3)
+    assert torch.equal(sample(env, model, clip), before)
 
 
 def test_interrupt_stops_training_and_leaves_everything_as_it_was(env, loaded):
@@ -365,7 +404,7 @@ def test_load_erased_unet_refuses_bad_files(env, loaded):
     cases = {
         "broken.safetensors": "not a readable safetensors",
         "wrong-shapes.safetensors": f"Shape mismatch at '{first_wrong}'",
-        "a-delta.safetensors": "Apply Erasure Delta",
+        "a-delta.safetensors": "Apply Erasure",
         "not-a-unet.safetensors": "No UNet tensors found",
     }
     for file_name, message in cases.items():

@@ -113,7 +113,8 @@ def test_linear_and_1x1_conv_shapes_convert(tmp_path, unet):
 @pytest.mark.parametrize("content, message", [
     ({"input_blocks.1.1.proj_in.weight": torch.zeros(5, 5)}, "Shape mismatch at 'input_blocks.1.1.proj_in.weight'"),
     ({"input_blocks.99.0.in_layers.2.weight": torch.zeros(1)}, "tensors this model does not have"),
-    ({"diffusion_model.input_blocks.1.1.proj_in.diff": torch.zeros(1)}, "Apply Erasure Delta"),
+    ({"diffusion_model.input_blocks.1.1.proj_in.diff": torch.zeros(1)}, "Apply Erasure"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(1)}, "a LoRA"),
     ({"text_model.final_layer_norm.weight": torch.zeros(1)}, "No UNet tensors found"),
     ({"input_blocks.1.1.proj_in.weight": torch.zeros(1), "down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}, "mixes"),
 ])

@@ -154,12 +154,12 @@ def erase_and_compare():
     g.link(ckpt, "CLIP", erase, "clip")
     note(g, (20, below(ckpt)), "1. Pick your SD1.x / SD2.x / SDXL checkpoint.\n2. Type the concept to erase (esd-x for "
          "styles and artists, esd-u for objects and nudity); texts in preserve are kept as they were.\n3. Run. "
-         "Training shows its progress on the node and can be cancelled; the erasure is saved to models/erasures "
-         "(load it later with Apply Erasure Delta or LoraLoaderModelOnly).\nBoth samplers use the same seed: left "
+         "Training shows its progress on the node and can be cancelled; the erasure is saved as a LoRA to models/erasures "
+         "(load it later with Apply Erasure or LoraLoaderModelOnly; A1111, Forge and diffusers load it too).\nBoth samplers use the same seed: left "
          "the original, right the erased model.\n\nMore settings (sampling steps, rank, preservation, memory): add "
          "an 'Erasure Options (ESD)' node and connect it to the options input. Without it the defaults "
          "apply.", size=[360, 230])
-    save = g.node("ESDSaveErasure", (right_of(erase), 60), ["esd/van_gogh", "fp16"])
+    save = g.node("ESDSaveErasure", (right_of(erase), 60), ["esd/van_gogh", "fp16", "lora", 32, "erasures"])
     g.link(erase, "ERASURE", save, "erasure")
     curve = g.node("PreviewImage", (right_of(erase), below(save)), title="Loss curve")
     g.link(erase, "loss_curve", curve, "images")
@@ -182,9 +182,9 @@ def apply_delta():
     ckpt = g.node("CheckpointLoaderSimple", (20, 60), [CHECKPOINT])
     apply = g.node("ESDApplyErasure", (right_of(ckpt), 60), ["esd/van_gogh_00001.safetensors", 1.0])
     g.link(ckpt, "MODEL", apply, "model")
-    note(g, (20, below(ckpt)), "Pick a delta file from models/erasures (written by Save Erasure Delta). Strength 1 "
-         "applies the erasure as trained, 0 leaves the model unchanged. The delta is a patch: it composes with LoRAs "
-         "and never changes the loaded checkpoint.", size=[360, 130])
+    note(g, (20, below(ckpt)), "Pick an erasure file from models/erasures (written by Save Erasure: a LoRA or an exact "
+         "delta; LoRA erasures made elsewhere work too). Strength 1 applies the erasure as trained, 0 leaves the model "
+         "unchanged. It is a patch: it composes with LoRAs and never changes the loaded checkpoint.", size=[360, 150])
     positive, negative, latent = prompt_nodes(g, ckpt, apply["pos"][0], below(apply))
     _, decode = sampler(g, apply, positive, negative, latent, ckpt, (right_of(positive), positive["pos"][1]), "erased")
     save_image = g.node("SaveImage", (right_of(decode), positive["pos"][1]), ["esd/applied"])
