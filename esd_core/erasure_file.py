@@ -199,7 +199,7 @@ def _low_rank(module: str, entry: dict[str, torch.Tensor]) -> LowRank:
         raise ValueError(f"layer {module!r} has only one of its two LoRA factors; the file is incomplete.")
     up, down = entry["up"].float(), entry["down"].float()
     rank = down.shape[0]
-    if up.dim() < 2 or up.shape[1] != rank or up[0, 0].numel() != 1:
+    if rank == 0 or up.dim() < 2 or up.shape[1] != rank or up[0, 0].numel() != 1:
         raise ValueError(f"layer {module!r} has LoRA factors of shapes {tuple(up.shape)} and {tuple(down.shape)}, "
                          "which do not multiply; the file is damaged.")
     scale = entry["alpha"].float().item() / rank if "alpha" in entry else 1.0

@@ -43,6 +43,7 @@ class LoraReport:
     """What writing a LoRA did: the relative error of each written product, the rank(s), and what was left out."""
 
     errors: dict[str, float]  # ldm weight name -> ||written product - delta|| / ||delta||
+    overall: float  # the same over all the written tensors together
     ranks: set[int]
     left_out: list[str]  # bias deltas, which a LoRA cannot carry
 
@@ -52,8 +53,8 @@ class LoraReport:
         errors = sorted(self.errors.values())
         ranks = "/".join(str(r) for r in sorted(self.ranks))
         bias = f"; {len(self.left_out)} bias deltas left out (a LoRA cannot carry them)" if self.left_out else ""
-        return (f"{len(errors)} layers at rank {ranks}, relative error of the written products: median "
-                f"{errors[len(errors) // 2]:.2e}, max {errors[-1]:.2e} ({worst}){bias}")
+        return (f"{len(errors)} layers at rank {ranks}, relative error of the written products: {self.overall:.2e} "
+                f"overall, per layer median {errors[len(errors) // 2]:.2e}, max {errors[-1]:.2e} ({worst}){bias}")
 
 
 def truncated(delta: torch.Tensor, rank: int) -> LowRank:
@@ -73,24 +74,26 @@ def balanced(delta: LowRank) -> LowRank:
     return LowRank(q_up @ u * root, root[:, None] * (vh @ q_down.T), delta.shape)
 
 
-def relative_error(written: LowRank, exact: torch.Tensor) -> float:
-    norm = exact.norm().item()
-    difference = (written.product() - exact).norm().item()
+def ratio(difference: float, norm: float) -> float:
+    """``difference / norm``, where a zero norm gives 0 for no difference and 1 for any."""
     return difference / norm if norm else float(difference > 0)
 
 
 def lora_factors(delta: ErasureDelta, rank: int, dtype: torch.dtype) -> tuple[dict[str, LowRank], LoraReport]:
     """Each weight delta as the factors to write (at ``dtype``), and the report on them."""
-    factors, errors = {}, {}
+    factors, errors, squares = {}, {}, [0.0, 0.0]  # sums of squared differences and of squared norms
     for name, stored in delta.deltas.items():
         if not name.endswith(".weight"):
             continue
         exact = delta.full(name)
         low = balanced(stored) if isinstance(stored, LowRank) else truncated(exact, min(rank, exact.shape[0], exact[0].numel()))
         factors[name] = low.map(lambda t: t.to(dtype).contiguous())
-        errors[name] = relative_error(factors[name], exact)
+        difference, norm = (factors[name].product() - exact).norm().item(), exact.norm().item()
+        errors[name] = ratio(difference, norm)
+        squares = [squares[0] + difference**2, squares[1] + norm**2]
     left_out = sorted(name for name in delta.deltas if not name.endswith(".weight"))
-    return factors, LoraReport(errors, {low.rank for low in factors.values()}, left_out)
+    overall = ratio(math.sqrt(squares[0]), math.sqrt(squares[1]))
+    return factors, LoraReport(errors, overall, {low.rank for low in factors.values()}, left_out)
 
 
 def module_key(ldm_weight_name: str, family: str, layout: UnetLayout | None) -> str:
@@ -159,6 +162,7 @@ def save_lora(delta: ErasureDelta, path: str, rank: int, dtype: torch.dtype = to
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "lora_relative_errors": json.dumps({name: float(f"{error:.3e}") for name, error in report.errors.items()}),
+        "lora_relative_error_overall": f"{report.overall:.3e}",
         "lora_left_out": json.dumps(report.left_out),
     }
     write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))

@@ -136,7 +136,7 @@ OPTIONS = (
     Option("save_format", "lora", "lora: a LoRA file (kohya keys) that ComfyUI, A1111, Forge and diffusers load; full-rank "
            "deltas are factored at lora_rank and bias deltas left out. delta: the exact weight differences at full size "
            "(ComfyUI only).", SAVE_NODE, choices=SAVE_FORMATS, in_config=False),
-    Option("lora_rank", 32, "LoRA format: the rank that full-rank deltas (esd-x) are factored at, by truncated SVD; "
+    Option("lora_rank", 64, "LoRA format: the rank that full-rank deltas (esd-x) are factored at, by truncated SVD; "
            "higher is more exact and larger. Low-rank deltas are written at the rank they were trained at.", SAVE_NODE,
            minimum=1, maximum=1024, in_config=False),
     Option("device", "auto", "Where to run: a CUDA GPU if one is visible (auto), or the CPU.", COMMAND_LINE,

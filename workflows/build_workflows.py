@@ -159,7 +159,7 @@ def erase_and_compare():
          "the original, right the erased model.\n\nMore settings (sampling steps, rank, preservation, memory): add "
          "an 'Erasure Options (ESD)' node and connect it to the options input. Without it the defaults "
          "apply.", size=[360, 230])
-    save = g.node("ESDSaveErasure", (right_of(erase), 60), ["esd/van_gogh", "fp16", "lora", 32, "erasures"])
+    save = g.node("ESDSaveErasure", (right_of(erase), 60), ["esd/van_gogh", "fp16", "lora", 64, "erasures"])
     g.link(erase, "ERASURE", save, "erasure")
     curve = g.node("PreviewImage", (right_of(erase), below(save)), title="Loss curve")
     g.link(erase, "loss_curve", curve, "images")
