@@ -56,7 +56,7 @@ OPTIONAL_LINKS = ("options", "erasure", "image2")  # left out of a node's inputs
 # docs/screenshots/take.py.
 SIZES = {
     "CheckpointLoaderSimple": [360, 100], "ESDTrainErasure": [380, 350], "ESDErasureOptions": [340, 330],
-    "ESDSaveErasure": [340, 90], "ESDApplyErasure": [380, 110], "ESDLoadErasedUNet": [420, 80],
+    "ESDSaveErasure": [340, 160], "ESDApplyErasure": [380, 110], "ESDLoadErasedUNet": [420, 80],
     "CLIPTextEncode": [380, 160], "EmptyLatentImage": [380, 110], "KSampler": [320, 270], "VAEDecode": [220, 50],
     "ImageStitch": [320, 150], "SaveImage": [420, 360], "PreviewImage": [340, 280], "PreviewAny": [340, 120],
     "Note": [360, 300],
