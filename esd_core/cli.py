@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import BENCH_CASES, BENCH_RANKS, EraseConfig
-from .erasure_file import ErasureDelta, check_usable, family_from_metadata, file_metadata, summary, write_atomically
+from .erasure_file import ErasureDelta, check_usable, family_from_metadata, read_safetensors, summary, write_atomically
 from .keys import BUILT_IN_FAMILIES, UnetLayout
 from .lora_format import save_erasure
 from .methods import TRAIN_METHODS, resolve_method
@@ -284,7 +284,8 @@ def file_layout(args) -> UnetLayout:
     from .apply import unet_layout
     from .diffusers_host import load_pipeline
 
-    family = family_from_metadata(file_metadata(args.delta))
+    metadata, _ = read_safetensors(args.delta, with_tensors=False)
+    family = family_from_metadata(metadata)
     if args.model is None and family in BUILT_IN_FAMILIES:
         return UnetLayout.of_family(family)
     return unet_layout(load_pipeline(model_path(args), args.config, with_vae=False).unet)

@@ -144,14 +144,9 @@ class ErasureDelta:
         ``check=False`` also returns a damaged file (``check_usable``), for inspection."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No erasure file at {path!r}. Give the path of a .safetensors erasure (a delta or a LoRA).")
-        metadata = file_metadata(path)
+        metadata, tensors = read_safetensors(path)
         if family is not None:
             check_family(metadata, family)
-        try:
-            with safe_open(path, framework="pt") as handle:
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as error:
-            raise ValueError(f"{path!r} is not a readable safetensors file (truncated, or not safetensors): {error}") from error
         try:
             deltas = read_entries(tensors, layout)
         except ValueError as error:
@@ -175,7 +170,7 @@ def read_entries(tensors: dict[str, torch.Tensor], layout: UnetLayout | None) ->
                              "and LoRAs with lora_up/lora_down (kohya, A1111) or lora_A/lora_B (PEFT, diffusers) keys.")
         entries.setdefault(key[: -len(suffix)], {})[ENTRY_SUFFIXES[suffix]] = tensor
     modules = layout.ldm_modules() if layout else {}
-    unmatched = sorted(module for module in entries if layout and module not in modules)
+    unmatched = sorted(module for module in entries if module not in modules) if layout else []
     if unmatched:
         raise ValueError(f"{len(unmatched)} of its {len(entries)} layers match no layer of this model (first: "
                          f"{unmatched[0]!r}): it was made for another kind of model.")
@@ -207,11 +202,12 @@ def _low_rank(module: str, entry: dict[str, torch.Tensor]) -> LowRank:
     return LowRank(up.reshape(up.shape[0], rank) * scale, down.reshape(rank, -1), tuple(shape))
 
 
-def file_metadata(path: str) -> dict[str, str]:
-    """A safetensors file's header metadata, without reading its tensors."""
+def read_safetensors(path: str, with_tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's header metadata and (unless ``with_tensors`` is False) its tensors; a ValueError naming
+    the file if it cannot be read."""
     try:
         with safe_open(path, framework="pt") as handle:
-            return handle.metadata() or {}
+            return handle.metadata() or {}, {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
     except Exception as error:
         raise ValueError(f"{path!r} is not a readable safetensors file (truncated, or not safetensors): {error}") from error
 

@@ -108,6 +108,16 @@ def module_key(ldm_weight_name: str, family: str, layout: UnetLayout | None) -> 
     return PREFIX + name.rsplit(".", 1)[0].replace(".", "_")
 
 
+def layer_tensors(key: str, low: LowRank, alpha: int) -> dict[str, torch.Tensor]:
+    """One layer's factors under kohya's key endings, in the factors' dtype, so that a reader's ``(alpha / rank) *
+    up @ down`` is ``low``'s product: the up factor is scaled where the layer's rank is not ``alpha``."""
+    up, down = low.as_layers()
+    if low.rank != alpha:
+        up = (up.float() * (low.rank / alpha)).to(low.up.dtype)
+    return {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down,
+            f"{key}.alpha": torch.tensor(float(alpha), dtype=low.up.dtype)}
+
+
 def sharing_metadata(metadata: dict[str, str], family: str, rank: int, alpha: int) -> dict[str, str]:
     """The fields sharing sites and UIs read (SAI model spec, kohya's ss_*), so that a shared file says what it is
     and A1111/Forge list it for the right model."""
@@ -150,12 +160,7 @@ def save_lora(delta: ErasureDelta, path: str, rank: int, dtype: torch.dtype = to
     alpha = Counter(low.rank for low in factors.values()).most_common(1)[0][0]
     tensors = {}
     for name, low in factors.items():
-        key = module_key(name, delta.family, layout)
-        up, down = low.as_layers()
-        if low.rank != alpha:  # read back as (alpha / rank) * up @ down
-            up = (up.float() * (low.rank / alpha)).to(dtype)
-        tensors |= {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down,
-                    f"{key}.alpha": torch.tensor(float(alpha), dtype=dtype)}
+        tensors |= layer_tensors(module_key(name, delta.family, layout), low, alpha)
     metadata = {
         **delta.metadata,
         **sharing_metadata(delta.metadata, delta.family, max(report.ranks), alpha),

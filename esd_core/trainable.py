@@ -92,10 +92,11 @@ class TrainableDelta:
     def detached(self) -> dict[str, "torch.Tensor | LowRank"]:
         """The learned deltas as plain CPU fp32 tensors: full ones at their shape, low-rank ones as their factors
         (never multiplied out here: an esd-u erasure of SD1.5 would take 3 GB at full size)."""
-        with torch.no_grad():
-            stored = {name: tensor.detach().to("cpu", torch.float32).clone() for name, tensor in self.full.items()}
-            for name, (up, down) in self.factors.items():
-                stored[name] = LowRank(up.detach().to("cpu", torch.float32).clone(), down.detach().to("cpu", torch.float32).clone(), self.shapes[name])
+        def plain(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.detach().to("cpu", torch.float32).clone()
+
+        stored = {name: plain(tensor) for name, tensor in self.full.items()}
+        stored |= {name: LowRank(plain(up), plain(down), self.shapes[name]) for name, (up, down) in self.factors.items()}
         return {name: stored[name] for name in self.shapes}
 
 

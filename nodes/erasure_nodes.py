@@ -21,8 +21,8 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from ..esd_core.config import EraseConfig
-from ..esd_core.erasure_file import DamagedErasureError, ErasureDelta, LowRank, fingerprint
-from ..esd_core.lora_format import save_erasure
+from ..esd_core.erasure_file import DamagedErasureError, ErasureDelta, LowRank, file_key, fingerprint
+from ..esd_core.lora_format import layer_tensors, save_erasure
 from ..esd_core.esd import NonFiniteLossError, erase
 from ..esd_core.options import COMMAND_LINE, DTYPES, ERASE_NODE, OPTIONS, OPTIONS_NODE, SAVE_NODE, BY_NAME, Option, defaults, shown_on
 from .comfy_host import PREFIX, ComfyErasureHost, family_of, is_sdxl, model_layout, unet_tensors
@@ -65,13 +65,10 @@ def delta_patches(model, delta: ErasureDelta) -> dict:
     delta, ``.diff``/``.diff_b`` for a full one): so an erasure patches a model as a LoRA file of it would."""
     state = {}
     for name, stored in delta.deltas.items():
-        layer, kind = name.rsplit(".", 1)
-        key = PREFIX + layer
         if isinstance(stored, LowRank):
-            up, down = stored.as_layers()
-            state |= {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.alpha": torch.tensor(float(stored.rank))}
+            state |= layer_tensors(PREFIX + name.rsplit(".", 1)[0], stored, stored.rank)
         else:
-            state[f"{key}.diff" if kind == "weight" else f"{key}.diff_b"] = stored
+            state[file_key(name)] = stored
     return comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(model.model, {}))
 
 
