@@ -1,4 +1,4 @@
-"""Command line: ``esd-erase erase | apply | info | export | eval | demo | bench`` (also ``python -m esd_core``)."""
+"""Command line: ``esd-erase erase | apply | info | export | eval | attack | demo | bench`` (also ``python -m esd_core``)."""
 
 import argparse
 import json
@@ -13,6 +13,7 @@ import uuid
 import torch
 from tqdm.auto import tqdm
 
+from .attack import InversionSettings
 from .config import BENCH_CASES, BENCH_RANKS, EraseConfig
 from .erasure_file import ErasureDelta, check_usable, family_from_metadata, read_safetensors, summary, write_atomically
 from .keys import BUILT_IN_FAMILIES, UnetLayout
@@ -162,6 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the numbers here too")
     evaluate.add_argument("--grid", help="before/after PNG grid (default: next to --json, or none)")
 
+    attack = commands.add_parser("attack", help="attack an erasure: learn a new word for the erased concept (Concept Inversion) "
+                                 "and measure how often it brings the concept back")
+    attack.add_argument("--model", help="a tiny-world pipeline folder (default: the shipped one)")
+    attack.add_argument("--delta", required=True, help="the erasure to attack, a delta or a LoRA")
+    attack.add_argument("--concept", required=True, help="the erased shape or colour, e.g. circle or red")
+    attack.add_argument("--steps", type=positive_int, default=InversionSettings.steps, help="textual-inversion steps")
+    attack.add_argument("--lr", type=finite_float, default=InversionSettings.lr, help="Adam learning rate of the token")
+    attack.add_argument("--images", type=positive_int, default=InversionSettings.images,
+                        help="images of the concept drawn by the base model, to learn the token from")
+    attack.add_argument("--n", type=positive_int, default=64, help="images per group in the judging")
+    attack.add_argument("--seed", type=int, default=0)
+    attack.add_argument("--no-controls", dest="controls", action="store_false",
+                        help="skip the control attack on the base model (halves the time)")
+    attack.add_argument("--out-dir", default="esd-attack", help="where the token (embedding file), JSON and grid go")
+
     demo = commands.add_parser("demo", help="erase a concept from the shipped tiny world, then measure it (the README's first set-up command)",
                                formatter_class=formatter, epilog=METHODS_EPILOG)
     _add_model_arguments(demo)
@@ -309,6 +325,24 @@ def run_eval(args) -> dict:
     return result
 
 
+def run_attack(args) -> dict:
+    """Attack an erasure with a learned token; print the table, write the token, the JSON and the grid."""
+    from .attack import save_token
+    from .tinyworld.robustness import attack_erasure, format_attack
+
+    if args.seed < 0:
+        raise ValueError(f"--seed must be 0 or more, got {args.seed}.")
+    check_output_folder(args.out_dir, "--out-dir")
+    stem = os.path.join(args.out_dir, f"attack-{os.path.splitext(os.path.basename(args.delta))[0]}")
+    settings = InversionSettings(steps=args.steps, lr=args.lr, images=args.images)
+    result, vectors = attack_erasure(args.model, args.concept, args.delta, settings, args.n, args.seed, args.controls, grid_path=stem + "-grid.png")
+    print(format_attack(result))
+    save_token(stem + "-token.safetensors", vectors, {"format": "esd-attack-token", "concept": result["concept"], "erasure": args.delta})
+    write_atomically(stem + ".json", lambda temp: _write_json(temp, result))
+    print(f"wrote {stem}-token.safetensors, {stem}.json and {stem}-grid.png")
+    return result
+
+
 def run_demo(args) -> None:
     """Erase one tiny-world concept with the tuned defaults, write the delta, print the table, write the grid."""
     from .tinyworld import world
@@ -359,6 +393,7 @@ COMMANDS = {
     "info": run_info,
     "export": run_export,
     "eval": run_eval,
+    "attack": run_attack,
     "demo": run_demo,
     "bench": run_bench,
 }

@@ -1,5 +1,6 @@
 """The diffusers host: runs the ESD loop on a diffusers Stable Diffusion pipeline (SD1.x, SD2.x, SDXL)."""
 
+import copy
 import json
 import math
 import os
@@ -92,6 +93,17 @@ class DiffusersHost(ErasureHost):
         tokenizers = [t for t in (getattr(self.pipeline, "tokenizer", None), getattr(self.pipeline, "tokenizer_2", None)) if t]
         check_known_words(text, tokenizers)
         warn_if_truncated(text, tokenizers)
+        return self._encode_prompt(text)
+
+    def token_tables(self) -> list[torch.Tensor]:
+        return [encoder.get_input_embeddings().weight for encoder in self._text_encoders()]
+
+    def encode_with_token(self, text: str, token: str, vectors: list[torch.Tensor]):
+        with learned_token(self.pipeline, token, vectors):
+            return self._encode_prompt(text)
+
+    def _encode_prompt(self, text: str):
+        """The pipeline's own prompt encoding: (embeds, pooled) for SDXL, (embeds, None) for SD1/SD2."""
         if self.is_sdxl:
             embeds, _, pooled, _ = self.pipeline.encode_prompt(text, device=self.device, do_classifier_free_guidance=False)
             return embeds, pooled
@@ -119,6 +131,51 @@ class DiffusersHost(ErasureHost):
         if self.prediction_type != "epsilon":
             raise ValueError(f"Models predicting {self.prediction_type!r} are not supported; use an epsilon or v-prediction model.")
         return output
+
+
+TOKENIZERS_AND_ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+
+
+@contextmanager
+def learned_token(pipeline: DiffusionPipeline, token: str, vectors: list[torch.Tensor]):
+    """Inside the block the pipeline reads ``token`` as one new word whose embedding in each text encoder is that
+    encoder's vector of ``vectors``: its tokenizers are swapped for copies that know the word, and hooks put the
+    vector where the word stands. The encoders and the pipeline's own tokenizers are left as they were."""
+    pairs = [(t, e) for t, e in TOKENIZERS_AND_ENCODERS if getattr(pipeline, e, None) is not None]
+    saved, handles = {}, []
+    try:
+        for (tokenizer_name, encoder_name), vector in zip(pairs, vectors, strict=True):
+            tokenizer = copy.deepcopy(getattr(pipeline, tokenizer_name))
+            tokenizer.add_tokens([token])
+            saved[tokenizer_name] = getattr(pipeline, tokenizer_name)
+            setattr(pipeline, tokenizer_name, tokenizer)
+            handles += _token_hooks(getattr(pipeline, encoder_name), tokenizer.convert_tokens_to_ids(token), tokenizer.bos_token_id, vector)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, tokenizer in saved.items():
+            setattr(pipeline, name, tokenizer)
+
+
+def _token_hooks(encoder, token_id: int, stand_in: int, vector: torch.Tensor) -> list:
+    """Hooks on a CLIP text encoder: its transformer reads ``token_id`` (outside its vocabulary) as ``stand_in``, an id
+    it knows below the end token (which keeps the pooled output at the end token), and the token-embedding layer
+    answers ``vector`` at those places."""
+    places = {}
+
+    def swap_ids(module, args, kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        places["mask"] = (ids == token_id).unsqueeze(-1)
+        swapped = ids.masked_fill(ids == token_id, stand_in)
+        return ((), {**kwargs, "input_ids": swapped}) if "input_ids" in kwargs else ((swapped, *args[1:]), kwargs)
+
+    def put_vector(module, args, output):
+        return torch.where(places["mask"].to(output.device), vector.to(output.device, output.dtype), output)
+
+    transformer = getattr(encoder, "text_model", encoder)  # the module that reads the ids (with a projection: inside it)
+    return [transformer.register_forward_pre_hook(swap_ids, with_kwargs=True),
+            encoder.get_input_embeddings().register_forward_hook(put_vector)]
 
 
 @contextmanager

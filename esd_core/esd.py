@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .adversary import Adversary
 from .config import EraseConfig
 from .erasure_file import ErasureDelta, erasure_metadata, fingerprint
 from .host import ErasureHost
@@ -112,6 +113,10 @@ class TrainingRun:
         texts = ["", *(t for pair in config.pairs for t in pair), *config.preserved]
         self.conds = {text: host.encode(text) for text in texts}
         self.scheduler = ddim_scheduler(host.alphas_cumprod, config.sample_steps)
+        # The erased pairs drawn from; an adversarial erasure adds pairs whose source is a conditioning it found,
+        # kept in ``conds`` under a name that ``stand_ins`` maps to the source text it stands in for.
+        self.erased_pairs: list[Pair] = list(config.pairs)
+        self.stand_ins: dict[str, str] = {}
 
     def draw(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.generator))
@@ -164,7 +169,7 @@ class TrainingRun:
         pair, the frozen prediction itself for a
         preserved (None, text) pair (guided, with the empty prompt's, at ``preserve_guidance`` > 1). Each comes with
         the frozen empty-prompt prediction to hold (an erased pair with ``hold_unconditional`` > 0) or None."""
-        concept, source = pair
+        concept, source = pair[0], self.stand_ins.get(pair[1], pair[1])  # a stand-in's target is its source text's
         guidance = self.guidance_of(pair)
         if concept is None:
             texts = [source, ""] if guidance != 1.0 else [source]
@@ -251,10 +256,13 @@ def run_updates(run: TrainingRun, optimizer: torch.optim.Optimizer, progress: Pr
     config = run.config
     examples = EXAMPLE_SOURCES[config.mode]
     erased_trained, preserved_trained = config.samples_with_trained
-    streams = [(examples(run, config.pairs, erased_trained), 1.0)]
+    streams = [(examples(run, run.erased_pairs, erased_trained), 1.0)]
     if config.preserved:
         streams.append((examples(run, [(None, text) for text in config.preserved], preserved_trained), config.preserve_weight))
+    adversary = Adversary(run) if config.adversarial else None
     for iteration in range(config.iterations):
+        if adversary is not None and iteration % config.adversarial_every == 0:
+            adversary.attack()
         batch = [(next(stream), weight / config.batch_size) for stream, weight in streams for _ in range(config.batch_size)]
         loss = update(run, optimizer, [example for example, _ in batch], [weight for _, weight in batch], iteration)
         if progress is not None:

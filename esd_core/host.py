@@ -51,3 +51,11 @@ class ErasureHost(ABC):
     @abstractmethod
     def alphas_cumprod(self) -> torch.Tensor:
         """The model's training noise schedule: cumulative alpha products for the 1000 timesteps."""
+
+    def token_tables(self) -> list[torch.Tensor]:
+        """The token-embedding table of each text encoder, (vocabulary, width): where a learned token's vectors live."""
+        raise ValueError(f"{type(self).__name__} cannot learn a new token; run the attack with esd-erase attack.")
+
+    def encode_with_token(self, text: str, token: str, vectors: list[torch.Tensor]):
+        """Like ``encode``, with ``token`` in ``text`` read as the given vectors (one per text encoder), differentiably."""
+        raise ValueError(f"{type(self).__name__} cannot learn a new token; run the attack with esd-erase attack.")

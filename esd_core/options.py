@@ -124,6 +124,12 @@ OPTIONS = (
     Option("hold_unconditional", 0.0, "At each erased example, also train the empty prompt's prediction to stay as it "
            "was, with this weight; otherwise it drifts with the concept's and guidance undoes part of the erasure. 0: "
            "off (the paper).", minimum=0.0, maximum=100.0, step=0.5),
+    Option("adversarial", False, "Robust erasure: every adversarial_every updates, attack the erasure (look for a "
+           "conditioning under which the model still draws the concept, as esd-erase attack does with a new word) and "
+           "erase what the attack found too, so that a new word for the concept does not bring it back. Slower."),
+    Option("adversarial_every", 10, "Adversarial erasure: updates between two attacks.", minimum=1, maximum=100_000),
+    Option("adversarial_steps", 10, "Adversarial erasure: Adam steps of each attack; each continues the last one's.",
+           minimum=1, maximum=10_000),
     Option("gradient_checkpointing", True, "Recompute activations in the backward pass and run each feed-forward one "
            "row at a time: much less memory, updates about a third slower.", in_config=False),
     Option("mode", "fast", "fast: one batch of sampled trajectories serves several updates (the same distribution of "

@@ -67,5 +67,6 @@ def ddim_trajectory(
         states.append(TrajectoryState(x, timestep, predictions if keep_predictions else None))
         eps_uncond, eps_cond = predictions
         x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), timestep, x).prev_sample
-    states.append(TrajectoryState(x, int(scheduler.timesteps[steps])))
+    clean = steps == len(scheduler.timesteps)  # a whole trajectory ends at the schedule's first timestep
+    states.append(TrajectoryState(x, 0 if clean else int(scheduler.timesteps[steps])))
     return states

@@ -42,8 +42,9 @@ def load_pipeline(model_dir=None):
 
 @torch.no_grad()
 def generate(pipe, prompts, seeds):
-    """Images (N, 3, 32, 32) in [0, 1], one per (prompt, seed); a seed fixes its image's noise. With two or more CPU
-    threads, each batch runs as two threads on half its images each (``esd_core.threads``)."""
+    """Images (N, 3, 32, 32) in [0, 1], one per (prompt, seed); a seed fixes its image's noise. The prompts are texts,
+    or a tensor of encoded prompts (one row each). With two or more CPU threads, each batch runs as two threads on
+    half its images each (``esd_core.threads``)."""
     workers = threads.WORKERS if torch.get_num_threads() >= threads.WORKERS else 1
     pipes = [pipe] + [_with_own_scheduler(pipe) for _ in range(workers - 1)]
     stop = threading.Event()
@@ -64,7 +65,8 @@ def _images(pipe, rows: slice, prompts, seeds, stop: threading.Event) -> torch.T
         return outputs
 
     generators = [torch.Generator().manual_seed(s) for s in seeds[rows]]
-    images = pipe(prompt=list(prompts[rows]), num_inference_steps=STEPS, guidance_scale=GUIDANCE_SCALE,
+    prompt = {"prompt_embeds": prompts[rows]} if torch.is_tensor(prompts) else {"prompt": list(prompts[rows])}
+    images = pipe(**prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE_SCALE,
                   generator=generators, output_type="np", callback_on_step_end=stop_if_asked).images
     return torch.from_numpy(images).permute(0, 3, 1, 2)
 
@@ -143,8 +145,12 @@ def _rate(judged, concept):
 
 
 def run_groups(pipe, judge, groups, n, seed):
-    """Generate and judge n images per group; returns (per-group rates, per-group images)."""
-    prompts = [g["prompts"][i % len(g["prompts"])] for g in groups for i in range(n)]
+    """Generate and judge n images per group, image i of a group from its prompt i (taken in turn) and seed + i;
+    returns (per-group rates, per-group images). A group's prompts are texts, or with "encoded" the prompts'
+    encodings, one row each (a learned token's, which no text names)."""
+    prompts = [(g.get("encoded", g["prompts"]))[i % len(g["prompts"])] for g in groups for i in range(n)]
+    if "encoded" in groups[0]:
+        prompts = torch.cat(prompts)
     seeds = [seed + i for _ in groups for i in range(n)]
     images = generate(pipe, prompts, seeds)
     rates, per_group = [], []
@@ -227,9 +233,12 @@ def format_table(result):
     return "\n".join(lines)
 
 
-def save_grid(path, groups, images_before, images_after=None, per_row=8, scale=3):
+GRID_TITLES = ("before (original model)", "after (erased model, same seeds)")
+
+
+def save_grid(path, groups, images_before, images_after=None, per_row=8, scale=3, titles=GRID_TITLES):
     """PNG grid, one row per prompt group (named on the left) under a header: "before" (the original model's
-    images), then on the right "after" (the erased model's, for the same seeds)."""
+    images), then on the right "after" (the erased model's, for the same seeds); ``titles`` name the halves."""
     def row(images):
         return np.concatenate([np.pad(img.permute(1, 2, 0).numpy(), ((1, 1), (1, 1), (0, 0)), constant_values=1)
                                for img in images[:per_row]], axis=1)
@@ -246,10 +255,10 @@ def save_grid(path, groups, images_before, images_after=None, per_row=8, scale=3
     labelled = Image.new("RGB", (grid.width + left, grid.height + top), "white")
     labelled.paste(grid, (left, top))
     draw = ImageDraw.Draw(labelled)
-    draw.text((left + 4, 4), "before (original model)", fill="black")
+    draw.text((left + 4, 4), titles[0], fill="black")
     if images_after is not None:
         after_starts = (row(images_before[0]).shape[1] + gap) * scale
-        draw.text((left + after_starts + 4, 4), "after (erased model, same seeds)", fill="black")
+        draw.text((left + after_starts + 4, 4), titles[1], fill="black")
     row_height = grid.height // len(groups)
     for k, group in enumerate(groups):
         draw.text((4, top + k * row_height + row_height // 2 - 5), group["name"], fill="black")
