@@ -21,7 +21,7 @@ from .lora_format import save_erasure
 from .methods import TRAIN_METHODS, resolve_method
 from .options import BY_NAME, COMMAND_LINE, DTYPES, OPTIONS, SAVE_NODE, Option, shown_on
 from .output_paths import check_new_folder, check_output_file, check_output_folder
-from .presets import TINY_WORLD, TINY_WORLD_BY_METHOD, TINY_WORLD_NOTES, default_method, defaults_for, tiny_world_method
+from .presets import TINY_WORLD, TINY_WORLD_BY_METHOD, TINY_WORLD_NOTES, default_method, defaults_for, is_tiny_world, tiny_world_method
 from .tinyworld.world import DEFAULT_MODEL_DIR
 
 
@@ -55,6 +55,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return value
+
+
+def step_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated whole numbers of at least 1."""
+    return tuple(positive_int(part.strip()) for part in text.split(",") if part.strip())
 
 
 def pick_device(name: str) -> torch.device:
@@ -165,14 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     attack = commands.add_parser("attack", help="attack an erasure: learn a new word for the erased concept (Concept Inversion) "
                                  "and measure how often it brings the concept back")
-    attack.add_argument("--model", help="a tiny-world pipeline folder (default: the shipped one)")
+    _add_model_arguments(attack)
+    add_option(attack, BY_NAME["resolution"], default=0)
     attack.add_argument("--delta", required=True, help="the erasure to attack, a delta or a LoRA")
-    attack.add_argument("--concept", required=True, help="the erased shape or colour, e.g. circle or red")
+    attack.add_argument("--concept", required=True, help="the erased concept (tiny world: a shape or colour, e.g. circle or red)")
     attack.add_argument("--steps", type=positive_int, default=InversionSettings.steps, help="textual-inversion steps")
     attack.add_argument("--lr", type=finite_float, default=InversionSettings.lr, help="Adam learning rate of the token")
     attack.add_argument("--images", type=positive_int, default=InversionSettings.images,
                         help="images of the concept drawn by the base model, to learn the token from")
-    attack.add_argument("--n", type=positive_int, default=64, help="images per group in the judging")
+    attack.add_argument("--n", type=positive_int, help="images per group in the judging, default 64 (another model: "
+                        "images per row of the grid, default 8)")
+    attack.add_argument("--curve", type=step_list, default=(), help="tiny world: also judge the token as it was after these steps, "
+                        "comma-separated (e.g. 50,100,200), to see how success grows with the attack's steps")
     attack.add_argument("--seed", type=int, default=0)
     attack.add_argument("--no-controls", dest="controls", action="store_false",
                         help="skip the control attack on the base model (halves the time)")
@@ -325,22 +334,44 @@ def run_eval(args) -> dict:
     return result
 
 
-def run_attack(args) -> dict:
-    """Attack an erasure with a learned token; print the table, write the token, the JSON and the grid."""
+def run_attack(args) -> None:
+    """Attack an erasure with a learned token and write the token (an embedding file) and a grid: on the tiny world
+    also the judged table and its JSON, on another model the images for a person to look at."""
     from .attack import save_token
-    from .tinyworld.robustness import attack_erasure, format_attack
 
     if args.seed < 0:
         raise ValueError(f"--seed must be 0 or more, got {args.seed}.")
     check_output_folder(args.out_dir, "--out-dir")
     stem = os.path.join(args.out_dir, f"attack-{os.path.splitext(os.path.basename(args.delta))[0]}")
     settings = InversionSettings(steps=args.steps, lr=args.lr, images=args.images)
-    result, vectors = attack_erasure(args.model, args.concept, args.delta, settings, args.n, args.seed, args.controls, grid_path=stem + "-grid.png")
-    print(format_attack(result))
-    save_token(stem + "-token.safetensors", vectors, {"format": "esd-attack-token", "concept": result["concept"], "erasure": args.delta})
-    write_atomically(stem + ".json", lambda temp: _write_json(temp, result))
-    print(f"wrote {stem}-token.safetensors, {stem}.json and {stem}-grid.png")
-    return result
+    if is_tiny_world(args.model):
+        from .tinyworld.robustness import attack_erasure, format_attack
+
+        result, vectors = attack_erasure(args.model, args.concept, args.delta, settings, args.n or 64, args.seed, args.controls, args.curve,
+                                         grid_path=stem + "-grid.png")
+        print(format_attack(result))
+        write_atomically(stem + ".json", lambda temp: _write_json(temp, result))
+        written = [stem + ".json"]
+    else:
+        vectors, written = attack_model(args, settings, stem + "-grid.png"), []
+    save_token(stem + "-token.safetensors", vectors, {"format": "esd-attack-token", "concept": args.concept, "erasure": args.delta})
+    print(f"wrote {', '.join([stem + '-token.safetensors', *written, stem + '-grid.png'])}")
+
+
+def attack_model(args, settings: InversionSettings, grid_path: str) -> list[torch.Tensor]:
+    """The attack on a model without a judge: the learned token's vectors, and its images in a grid."""
+    from .apply import load_for
+    from .attack_images import attack_images
+    from .diffusers_host import DiffusersHost, load_pipeline
+
+    device = pick_device(args.device)
+    pipeline = load_pipeline(model_path(args), args.config, pick_dtype(args.dtype, device))
+    erasure = load_for(pipeline.unet, args.delta)
+    host = DiffusersHost(pipeline, device, args.resolution or None)
+    pipeline.set_progress_bar_config(disable=True)
+    with tqdm(total=settings.steps * (2 if args.controls else 1), desc="learning a token", unit="step") as bar:
+        return attack_images(host, erasure, args.concept, settings, args.seed, args.n or 8, grid_path,
+                             args.controls, lambda loss: (bar.set_postfix(loss=f"{loss:.4g}"), bar.update(1)))
 
 
 def run_demo(args) -> None:

@@ -124,12 +124,6 @@ OPTIONS = (
     Option("hold_unconditional", 0.0, "At each erased example, also train the empty prompt's prediction to stay as it "
            "was, with this weight; otherwise it drifts with the concept's and guidance undoes part of the erasure. 0: "
            "off (the paper).", minimum=0.0, maximum=100.0, step=0.5),
-    Option("adversarial", False, "Robust erasure: every adversarial_every updates, attack the erasure (look for a "
-           "conditioning under which the model still draws the concept, as esd-erase attack does with a new word) and "
-           "erase what the attack found too, so that a new word for the concept does not bring it back. Slower."),
-    Option("adversarial_every", 10, "Adversarial erasure: updates between two attacks.", minimum=1, maximum=100_000),
-    Option("adversarial_steps", 10, "Adversarial erasure: Adam steps of each attack; each continues the last one's.",
-           minimum=1, maximum=10_000),
     Option("gradient_checkpointing", True, "Recompute activations in the backward pass and run each feed-forward one "
            "row at a time: much less memory, updates about a third slower.", in_config=False),
     Option("mode", "fast", "fast: one batch of sampled trajectories serves several updates (the same distribution of "
@@ -137,6 +131,12 @@ OPTIONS = (
     Option("trajectories", 8, "Fast mode: trajectories sampled together in one batched pass.", minimum=1, maximum=256),
     Option("reuse", 0, "Fast mode: examples taken from each trajectory. 0: sample_steps x batch_size / trajectories, "
            "so that one batch of trajectories serves about sample_steps updates.", minimum=0, maximum=100_000),
+    Option("adversarial", False, "Robust erasure: every adversarial_every updates, attack the erasure (look for a "
+           "conditioning under which the model still draws the concept, as esd-erase attack does with a new word) and "
+           "erase what the attack found too, so that a new word for the concept does not bring it back. Slower."),
+    Option("adversarial_every", 10, "Adversarial erasure: updates between two attacks.", minimum=1, maximum=100_000),
+    Option("adversarial_steps", 10, "Adversarial erasure: Adam steps of each attack; each continues the last one's.",
+           minimum=1, maximum=10_000),
     Option("save_dtype", "fp16", "Precision of the written file (fp16 and bf16 halve its size; fp32 keeps the trained "
            "values exactly).", SAVE_NODE, choices=tuple(DTYPES), in_config=False, node_name="dtype"),
     Option("save_format", "lora", "lora: a LoRA file (kohya keys) that ComfyUI, A1111, Forge and diffusers load; full-rank "

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from esd_core.attack import TOKEN, InversionSettings, concept_latents, denoising_loss, encode_templates, invert_token, neutral_vectors
@@ -148,3 +149,20 @@ def test_an_adversarial_erasure_is_reproducible_and_differs_from_the_plain_one(t
     plain = train_erasure(host, EraseConfig(**config)).detached()
     assert all(torch.equal(first[name], second[name]) for name in first)
     assert any(not torch.equal(first[name], plain[name]) for name in first)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_on_a_model_without_a_judge_the_attack_writes_the_token_and_a_grid_to_look_at(tiny_folders, tmp_path, family):
+    delta = tmp_path / "erasure.safetensors"
+    model = ["--model", tiny_folders[family]]
+    assert main(["erase", *model, "--concept", "red", "--iterations", "1", "--sample-steps", "4", "--out", str(delta)]) == 0
+    out = tmp_path / "attack"
+    assert main(["attack", *model, "--delta", str(delta), "--concept", "red", "--steps", "2", "--images", "2", "--n", "2", "--out-dir", str(out)]) == 0
+    token = load_file(out / "attack-erasure-token.safetensors")
+    widths = {name: tensor.shape for name, tensor in token.items()}
+    assert widths == ({"emb_params": (1, 32)} if family == "sd1" else {"clip_l": (1, 32), "clip_g": (1, 32)})
+    grid = Image.open(out / "attack-erasure-grid.png")
+    pipeline = load_pipeline(tiny_folders[family])
+    image_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    assert grid.height == 4 * image_size  # four rows: base and erased model, concept and token
+    assert not (out / "attack-erasure.json").exists()
