@@ -16,6 +16,8 @@ from .attack import concept_latents, denoising_loss
 ADVERSARIAL_IMAGES = 16
 # The inner attack's Adam learning rate, relative to the RMS of the conditioning it perturbs.
 ADVERSARIAL_LR = 0.05
+# The largest offset, relative to the RMS of the conditioning it perturbs: a stand-in stays near its source text.
+ADVERSARIAL_BUDGET = 0.5
 
 
 def stand_in_name(source: str) -> str:
@@ -41,13 +43,16 @@ class Adversary:
         for source in self.sources:
             context, *rest = run.conds[source]
             offset = self.offsets[source].clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([offset], lr=ADVERSARIAL_LR * context.float().pow(2).mean().sqrt().item())
+            scale = context.float().pow(2).mean().sqrt().item()
+            optimizer = torch.optim.Adam([offset], lr=ADVERSARIAL_LR * scale)
             with run.delta.switched(True):
                 for _ in range(run.config.adversarial_steps):
                     conds = [((context + offset).to(context.dtype), *rest)] * run.config.batch_size
                     loss = denoising_loss(run.host, self.latents[source], conds, run.generator)
                     (offset.grad,) = torch.autograd.grad(loss, [offset])  # the erasure's own parameters get no gradient
                     optimizer.step()
+                    with torch.no_grad():  # back onto the budget's sphere when it strays outside
+                        offset.mul_(min(1.0, ADVERSARIAL_BUDGET * scale / max(offset.pow(2).mean().sqrt().item(), 1e-12)))
             self.offsets[source] = offset.detach()
             name = stand_in_name(source)
             run.conds[name] = ((context + self.offsets[source]).to(context.dtype), *rest)

@@ -142,14 +142,16 @@ def test_one_esd_step_has_the_same_gradients(comfy_host, diffusers_host, method)
     assert all(g.abs().sum() > 0 for g in theirs.values() if g.dim() > 1)
 
 
-def test_training_leaves_the_model_untouched_and_releases_the_wrappers(env, comfy_model):
+@pytest.mark.parametrize("options", [{"sample_steps": 3}, {"sample_steps": 3, "adversarial": True, "adversarial_every": 1, "adversarial_steps": 2}],
+                         ids=["plain", "adversarial"])
+def test_training_leaves_the_model_untouched_and_releases_the_wrappers(env, comfy_model, options):
     model, clip = comfy_model
     host_module = comfy_env.pack_module("nodes.comfy_host")
     before = {k: v.clone() for k, v in host_module.unet_tensors(model).items()}
     with torch.inference_mode():
         erased, delta, curve = env["node"]["ESDTrainErasure"].execute(
             model=model, clip=clip, concept="a cat", method="esd-x", iterations=2, learning_rate=1e-3,
-            negative_guidance=1.0, seed=0, resolution=RESOLUTION, options={"sample_steps": 3},
+            negative_guidance=1.0, seed=0, resolution=RESOLUTION, options=options,
         ).args
     import gc
 
