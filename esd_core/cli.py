@@ -174,15 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(attack, BY_NAME["resolution"], default=0)
     attack.add_argument("--delta", required=True, help="the erasure to attack, a delta or a LoRA")
     attack.add_argument("--concept", required=True, help="the erased concept (tiny world: a shape or colour, e.g. circle or red)")
-    attack.add_argument("--steps", type=positive_int, default=InversionSettings.steps, help="textual-inversion steps")
-    attack.add_argument("--lr", type=finite_float, default=InversionSettings.lr, help="Adam learning rate of the token")
+    attack.add_argument("--steps", type=positive_int, default=InversionSettings.steps, help="textual-inversion steps (default %(default)s)")
+    attack.add_argument("--lr", type=finite_float, default=InversionSettings.lr, help="Adam learning rate of the token (default %(default)s)")
     attack.add_argument("--images", type=positive_int, default=InversionSettings.images,
-                        help="images of the concept drawn by the base model, to learn the token from")
+                        help="images of the concept drawn by the base model, to learn the token from (default %(default)s)")
     attack.add_argument("--n", type=positive_int, help="images per group in the judging, default 64 (another model: "
                         "images per row of the grid, default 8)")
     attack.add_argument("--curve", type=step_list, default=(), help="tiny world: also judge the token as it was after these steps, "
                         "comma-separated (e.g. 50,100,200), to see how success grows with the attack's steps")
-    attack.add_argument("--seed", type=int, default=0)
+    attack.add_argument("--seed", type=int, default=0, help="seed of the images, the token's steps and the judged images")
     attack.add_argument("--no-controls", dest="controls", action="store_false",
                         help="skip the control attack on the base model (halves the time)")
     attack.add_argument("--out-dir", default="esd-attack", help="where the token (embedding file), JSON and grid go")
