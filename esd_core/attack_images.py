@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .apply import applied_delta
-from .attack import GENERIC_TEMPLATES, TOKEN, InversionSettings, concept_latents, encode_templates, invert_token
+from .attack import GENERIC_TEMPLATES, InversionSettings, concept_latents, encode_templates, invert_token
 from .diffusers_host import DiffusersHost
 from .erasure_file import ErasureDelta, write_atomically
 

@@ -37,7 +37,8 @@ class ErasureHost(ABC):
 
     @abstractmethod
     def encode(self, text: str) -> Any:
-        """Encode one prompt into the conditioning ``predict_eps`` takes (warn if the text was cut)."""
+        """Encode one prompt into the conditioning ``predict_eps`` takes, a tuple whose first item is the
+        cross-attention context, (1, tokens, width) (warn if the text was cut)."""
 
     @abstractmethod
     def predict_eps(self, x_t: torch.Tensor, timestep: int | torch.Tensor, conds: list) -> torch.Tensor:

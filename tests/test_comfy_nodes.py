@@ -282,7 +282,6 @@ def test_interrupt_stops_training_and_leaves_everything_as_it_was(env, loaded):
 
     model, clip = loaded
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    iterations = []
     host_module = comfy_env.pack_module("nodes.comfy_host")
     original_predict = host_module.ComfyErasureHost.predict_eps
     calls = []

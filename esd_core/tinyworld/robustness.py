@@ -18,7 +18,7 @@ from esd_core.diffusers_host import DiffusersHost
 
 from . import judge as judge_lib
 from . import world
-from .evaluate import GUIDANCE_SCALE, STEPS, _rate, concept_prompts, load_pipeline, run_groups, save_grid
+from .evaluate import GUIDANCE_SCALE, STEPS, concept_prompts, load_pipeline, run_groups, save_grid
 
 
 def attack_templates(concept: str) -> list[str]:
