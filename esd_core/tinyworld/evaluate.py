@@ -10,6 +10,7 @@ Image i of every group uses seed + i, before and after alike, so the grid shows 
 Sampling: DDIM, 25 steps, classifier-free guidance 5.0 (strong enough for a 2-layer text encoder
 to steer reliably, low enough not to saturate colours).
 """
+import copy
 import math
 import threading
 from pathlib import Path
@@ -46,7 +47,7 @@ def generate(pipe, prompts, seeds):
     or a tensor of encoded prompts (one row each). With two or more CPU threads, each batch runs as two threads on
     half its images each (``esd_core.threads``)."""
     workers = threads.WORKERS if torch.get_num_threads() >= threads.WORKERS else 1
-    pipes = [pipe] + [_with_own_scheduler(pipe) for _ in range(workers - 1)]
+    pipes = [pipe] + [_twin(pipe) for _ in range(workers - 1)]
     stop = threading.Event()
     out = []
     for start in range(0, len(prompts), BATCH_SIZE):
@@ -71,10 +72,11 @@ def _images(pipe, rows: slice, prompts, seeds, stop: threading.Event) -> torch.T
     return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
-def _with_own_scheduler(pipe):
-    """A pipeline sharing ``pipe``'s models (so also a delta applied to its UNet) with a scheduler of its own, since
-    a sampling call changes its scheduler's state."""
-    components = {**pipe.components, "scheduler": DDIMScheduler.from_config(pipe.scheduler.config)}
+def _twin(pipe):
+    """A pipeline sharing ``pipe``'s models (so also a delta applied to its UNet) with a scheduler and a tokenizer of
+    its own, since a sampling call changes its scheduler's state and sets its fast tokenizer's padding mode."""
+    components = {**pipe.components, "scheduler": DDIMScheduler.from_config(pipe.scheduler.config),
+                  "tokenizer": copy.deepcopy(pipe.tokenizer)}
     twin = StableDiffusionPipeline(**components, requires_safety_checker=False)
     twin.set_progress_bar_config(disable=True)
     return twin
