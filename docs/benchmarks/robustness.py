@@ -4,6 +4,7 @@ steps and at 2x and 4x as many (one run of 4x, judged at the earlier steps too).
 whose JSON exists is skipped, so an interrupted run continues where it stopped.
 
     python docs/benchmarks/robustness.py --out docs/benchmarks/robustness --work /tmp/robustness [--concepts circle red ...]
+    python docs/benchmarks/robustness.py --out docs/benchmarks/robustness --table   # the JSON files as a table
 """
 
 import argparse
@@ -67,12 +68,43 @@ def measure(concept: str, folder: str) -> dict:
     return result
 
 
+def percent(rate: float) -> str:
+    return f"{100 * rate:.1f}%"
+
+
+def table(folder: str) -> str:
+    """A Markdown table of every concept measured in ``folder``: one row per concept and erasure."""
+    steps = (ATTACK_STEPS, 2 * ATTACK_STEPS, 4 * ATTACK_STEPS)
+    lines = ["| concept | erasure | erased | synonym | attack " + " / ".join(map(str, steps)) + " steps | random token "
+             "| worst other | erase time |", "|---" * 8 + "|"]
+    for concept in world.SHAPES + world.COLOURS:
+        path = os.path.join(folder, f"{concept}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as handle:
+            result = json.load(handle)
+        for kind in ("plain", "adversarial"):
+            row = result[kind]
+            worst = min(row["others_change"], key=row["others_change"].get)
+            attack = " / ".join(percent(row["attack"][str(s)]["rate"]) for s in steps)
+            lines.append(f"| {concept} | {kind} | {percent(row['erased'])} | {percent(row['synonym'])} | {attack} | "
+                         f"{percent(row['random_token']['rate'])} | {worst} {100 * row['worst_other_change']:+.1f} | "
+                         f"{row['erase_time_s']:.0f} s |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder of the JSON files")
-    parser.add_argument("--work", required=True, help="folder of the erasure files")
+    parser.add_argument("--work", help="folder of the erasure files (needed unless --table)")
+    parser.add_argument("--table", action="store_true", help="print the JSON files in --out as a Markdown table")
     parser.add_argument("--concepts", nargs="+", default=world.SHAPES + world.COLOURS)
     args = parser.parse_args()
+    if args.table:
+        print(table(args.out))
+        raise SystemExit
+    if not args.work:
+        parser.error("--work is needed to measure: a folder for the erasure files")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     for concept in args.concepts:
