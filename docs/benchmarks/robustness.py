@@ -93,6 +93,22 @@ def table(folder: str) -> str:
     return "\n".join(lines)
 
 
+def measure_all(out: str, work: str, concepts: list[str]) -> None:
+    """Measure each concept whose JSON is not yet in ``out``, writing it there and a one-line summary to stdout."""
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(work, exist_ok=True)
+    for concept in concepts:
+        path = os.path.join(out, f"{concept}.json")
+        if os.path.exists(path):
+            continue
+        result = measure(concept, work)
+        result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+        with open(path, "w") as handle:
+            json.dump(result, handle, indent=2)
+        print(json.dumps({k: v for k, v in result.items() if k in ("concept", "time_ratio")} | {
+            kind: {k: result[kind][k] for k in ("erased", "synonym", "worst_other_change", "attack")} for kind in ("plain", "adversarial")}))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder of the JSON files")
@@ -102,18 +118,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.table:
         print(table(args.out))
-        raise SystemExit
-    if not args.work:
+    elif not args.work:
         parser.error("--work is needed to measure: a folder for the erasure files")
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(args.work, exist_ok=True)
-    for concept in args.concepts:
-        path = os.path.join(args.out, f"{concept}.json")
-        if os.path.exists(path):
-            continue
-        result = measure(concept, args.work)
-        result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-        with open(path, "w") as handle:
-            json.dump(result, handle, indent=2)
-        print(json.dumps({k: v for k, v in result.items() if k in ("concept", "time_ratio")} | {
-            kind: {k: result[kind][k] for k in ("erased", "synonym", "worst_other_change", "attack")} for kind in ("plain", "adversarial")}))
+    else:
+        measure_all(args.out, args.work, args.concepts)
