@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="tiny world: measure an erasure (rates before/after, intervals, grid)")
     evaluate.add_argument("--model", help="a tiny-world pipeline folder (default: the shipped one)")
     evaluate.add_argument("--delta", help="the erasure to measure, a delta or a LoRA (without it: the base model only)")
-    evaluate.add_argument("--concept", required=True, help="the erased shape or colour, e.g. circle or red")
+    evaluate.add_argument("--concept", required=True, help="the erased shapes or colours, e.g. circle, or 'circle, star' for "
+                          "an erasure of several (each group then counts the images showing any of them)")
     evaluate.add_argument("--n", type=positive_int, default=64, help="images per prompt group")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--strength", type=finite_float, default=1.0)

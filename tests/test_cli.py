@@ -264,6 +264,7 @@ def test_a_concept_the_tokenizer_does_not_know_is_refused(tmp_path, capsys):
     (["erase", "--concept", "red", "--seed", str(2**64)], "seed must be a whole number from 0 to 18446744073709551615"),
     (["erase", "--concept", "red", "--sample-steps", "1000"], "sample_steps must be a whole number from 1 to 999, got 1000"),
     (["eval", "--concept", "circle", "--n", "2", "--seed", str(2**64 - 1)], "seed must be from 0 to 18446744073709551614"),
+    (["eval", "--concept", "circle, cube"], "unknown concept 'cube'; known: ['circle', 'square'"),
 ])
 def test_bad_options_get_one_line(tiny_folders, tmp_path, capsys, arguments, message):
     arguments = [tiny_folders["sd1"] if a == "FOLDER" else a for a in arguments]

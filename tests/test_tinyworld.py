@@ -144,9 +144,37 @@ def test_when_one_thread_of_a_generation_fails_the_other_stops_within_a_step(mon
 
 def test_prompt_groups_avoid_the_erased_concept():
     groups = evaluate.prompt_groups("red")
-    assert [g["role"] for g in groups] == ["erased", "synonym"] + ["other"] * 7
+    assert [g["role"] for g in groups] == ["erased", "synonym"] + ["other"] * 7 + ["neutral"]
     assert all("crimson" in p for p in groups[1]["prompts"])
     assert not any("red" in p.split() for g in groups[2:] for p in g["prompts"])
+    assert groups[-1]["prompts"] == ["a circle", "a square", "a triangle", "a star"]  # no colour named
+
+
+def test_prompt_groups_of_several_concepts_count_any_erased_one():
+    groups = evaluate.prompt_groups("circle, pentagram, red")
+    assert [(g["name"], g["role"]) for g in groups[:6]] == [
+        ("circle", "erased"), ("star", "erased"), ("red", "erased"), ("disc", "synonym"), ("pentagram", "synonym"), ("crimson", "synonym")]
+    assert all(g["shows"] == ["circle", "star", "red"] for g in groups if g["role"] != "other")
+    assert [g["name"] for g in groups if g["role"] == "other"] == ["square", "triangle", "green", "blue", "yellow"]
+    assert all(g["shows"] == [g["concept"]] for g in groups if g["role"] == "other")
+    erased_words = {"circle", "disc", "star", "pentagram", "red", "crimson"}
+    for g in groups:
+        named = {w for p in g["prompts"] for w in p.split()} & erased_words
+        assert named <= ({g["name"]} if g["role"] in ("erased", "synonym") else set()), (g["name"], named)
+    neutral = {g["name"]: g["prompts"] for g in groups if g["role"] == "neutral"}
+    assert neutral == {"no shape": ["a green shape", "a blue shape", "a yellow shape"], "no colour": ["a square", "a triangle"]}
+    with pytest.raises(ValueError, match="unknown concept 'cube'"):
+        evaluate.prompt_groups("circle, cube")
+    with pytest.raises(ValueError, match="No concept given"):
+        evaluate.prompt_groups(" , ")
+
+
+def test_rate_counts_an_image_showing_any_erased_concept():
+    judged = {"shape": ["circle", "star", "square", "star"], "colour": ["red", "green", "red", "blue"],
+              "texture": ["plain", "striped", "plain", "plain"]}
+    rate = evaluate._rate(judged, ["square"], erased=["circle", "red"])
+    assert rate["hits"] == [0, 0, 1, 0] and rate["erased"]["hits"] == [1, 0, 1, 0] and rate["erased"]["rate"] == 0.5
+    assert rate["striped"]["hits"] == [0, 1, 0, 0] and "erased" not in evaluate._rate(judged, ["star"])
 
 
 def test_wilson_interval():
@@ -176,28 +204,34 @@ def test_evaluate_structure_before_and_after(blinding_delta, tmp_path, monkeypat
     grid = tmp_path / "grid.png"
     result = evaluate.evaluate(None, "circle", delta_path=blinding_delta, n=4, grid_path=grid)
     json.dumps(result)
-    assert result["concept"] == "circle" and result["synonym"] == "disc" and result["n"] == 4
+    assert result["concepts"] == ["circle"] and result["synonyms"] == ["disc"] and result["n"] == 4
     assert [g["name"] for g in result["groups"]] == ["circle", "disc", "square", "triangle", "star",
-                                                     "red", "green", "blue", "yellow"]
+                                                     "red", "green", "blue", "yellow", "no shape"]
     for g in result["groups"]:
         for when in ("before", "after"):
             r = g[when]
             assert r["n"] == 4 and 0 <= r["count"] <= 4 and r["rate"] == r["count"] / 4
             assert r["ci95"][0] <= r["rate"] <= r["ci95"][1] and sum(r["hits"]) == r["count"]
             assert r["striped"]["rate"] == sum(r["striped"]["hits"]) / 4 == r["striped"]["count"] / 4
-        for change, counts in (("change", lambda r: r["count"]), ("striped_change", lambda r: r["striped"]["count"])):
+            assert r["erased"]["ci95"][0] <= r["erased"]["rate"] == r["erased"]["count"] / 4 <= r["erased"]["ci95"][1]
+            if g["role"] != "other":  # these count the erased concept itself
+                assert r["erased"]["hits"] == r["hits"]
+        for change, counts in (("change", lambda r: r["count"]), ("erased_change", lambda r: r["erased"]["count"]),
+                               ("striped_change", lambda r: r["striped"]["count"])):
             c = g[change]
             assert c["change"] == (counts(g["after"]) - counts(g["before"])) / 4
             assert c["ci95"][0] <= c["change"] <= c["ci95"][1]
-    assert set(result["summary"]) == {"before", "after"}
+    assert set(result["summary"]) == {"before", "after", "largest_erased_rise"}
+    rise = result["summary"]["largest_erased_rise"]
+    assert rise["change"] == max(g["erased_change"]["change"] for g in result["groups"])
     # Blind, seed i gives the same image whatever the shape prompt: at most one group can win it.
     shape_groups = [g for g in result["groups"] if g["name"] in world.SHAPES]
     assert sum(g["after"]["count"] for g in shape_groups) <= 4
     from PIL import Image
-    width, height = Image.open(grid).size  # 9 rows of 34-px cells (x3), before and after side by side
-    assert height == 20 + 9 * 34 * 3 and width > 2 * 4 * 34 * 3  # a header row names the halves, then a row per group
+    width, height = Image.open(grid).size  # 10 rows of 34-px cells (x3), before and after side by side
+    assert height == 20 + 10 * 34 * 3 and width > 2 * 4 * 34 * 3  # a header row names the halves, then a row per group
     table = evaluate.format_table(result)
-    assert "circle" in table and "disc" in table and len(table.splitlines()) == 4 + 9
+    assert "circle" in table and "disc" in table and "any erased" in table and len(table.splitlines()) == 4 + 10
     star = next(g for g in result["groups"] if g["name"] == "star")
     shares = f"{100 * star['before']['striped']['rate']:.0f} -> {100 * star['after']['striped']['rate']:.0f}%"
     assert shares in next(line for line in table.splitlines() if line.startswith("star "))
@@ -217,8 +251,8 @@ def test_paired_change_interval_narrows_with_more_images_and_stays_open_when_non
 def test_evaluate_without_delta_has_no_after(monkeypatch):
     monkeypatch.setattr(evaluate, "STEPS", 5)
     result = evaluate.evaluate(None, "crimson", n=4)
-    assert result["concept"] == "red" and result["kind"] == "colour"
-    assert all(g["after"] is None and g["change"] is None and g["striped_change"] is None for g in result["groups"])
+    assert result["concepts"] == ["red"] and result["synonyms"] == ["crimson"]
+    assert all(g["after"] is None and g[c] is None for g in result["groups"] for c in evaluate.CHANGES)
     assert "->" not in evaluate.format_table(result)
     assert set(result["summary"]) == {"before"}
 

@@ -1,11 +1,17 @@
 """Benchmark an erasure on the tiny world: generate fixed-seed images before and after, judge them.
 
-For an erased concept C (a shape or a colour) the prompt groups are:
-  - C by its name: "a circle", "a red circle", ... (share still judged C: lower is better after)
-  - C by its synonym: "a disc", "a red disc", ... (leakage through the other name)
-  - every other concept of C's kind and every concept of the other kind, in prompts that do not
-    mention C ("a square", "a green square", "a blue shape", "a blue star", ...): accuracy, which
-    should stay as it was before.
+For the erased concepts (shapes or colours, one or several) the prompt groups are:
+  - each erased concept C by its name: "a circle", "a red circle", ... and by its synonym: "a disc",
+    "a red disc", ...: the share of images that show ANY erased concept (lower is better after: an
+    erased circle must not turn into an erased star);
+  - every concept not erased, in prompts that mention no erased one ("a square", "a green square",
+    "a blue shape", "a blue star", ...): accuracy, which should stay as it was before;
+  - for each kind that is erased, prompts that name no concept of that kind ("a red shape" ... when
+    shapes are erased, "a circle" ... when colours are): the share showing an erased concept, which
+    the erasure must not raise.
+Every group also reports the share of images showing any erased concept (an erasure must not move
+the concept into prompts that do not ask for it) and the share drawn striped (no prompt names a
+texture, so it should stay too).
 Image i of every group uses seed + i, before and after alike, so the grid shows the same noise.
 Sampling: DDIM, 25 steps, classifier-free guidance 5.0 (strong enough for a 2-layer text encoder
 to steer reliably, low enough not to saturate colours).
@@ -82,30 +88,56 @@ def _twin(pipe):
     return twin
 
 
-def concept_prompts(concept, name=None, avoid=None):
-    """Prompts naming a concept (by 'name', default its own name), never mentioning 'avoid'.
+def erased_concepts(concepts):
+    """The erased concepts of a comma-separated text or a list: each a known shape or colour (a synonym counts as
+    its concept), in the order given, each once."""
+    names = [part.strip() for part in concepts.split(",")] if isinstance(concepts, str) else list(concepts)
+    erased = list(dict.fromkeys(world.canonical(name) for name in names if name))
+    if not erased:
+        raise ValueError("No concept given: name the erased shapes or colours, e.g. --concept circle or --concept 'circle, star'.")
+    for concept in erased:
+        world.kind_of(concept)  # raises for an unknown concept, naming the known ones
+    return erased
+
+
+def concept_prompts(concept, name=None, avoid=()):
+    """Prompts naming a concept (by 'name', default its own name), never mentioning a concept of 'avoid'.
 
     A shape gets "a {shape}" and "a {colour} {shape}"; a colour gets "a {colour} shape" and
-    "a {colour} {shape}", over the attributes of the other kind except 'avoid'.
+    "a {colour} {shape}", over the attributes of the other kind except those avoided.
     """
     name = name or concept
     if world.kind_of(concept) == "shape":
-        return [f"a {name}"] + [f"a {c} {name}" for c in world.COLOURS if c != avoid]
-    return [f"a {name} shape"] + [f"a {name} {s}" for s in world.SHAPES if s != avoid]
+        return [f"a {name}"] + [f"a {c} {name}" for c in world.COLOURS if c not in avoid]
+    return [f"a {name} shape"] + [f"a {name} {s}" for s in world.SHAPES if s not in avoid]
 
 
-def prompt_groups(concept):
-    """The groups of an erasure benchmark for 'concept' (see the module docstring)."""
-    kind = world.kind_of(concept)
-    same = world.SHAPES if kind == "shape" else world.COLOURS
-    other = world.COLOURS if kind == "shape" else world.SHAPES
-    groups = [{"name": concept, "role": "erased", "concept": concept,
-               "prompts": concept_prompts(concept)},
-              {"name": world.SYNONYMS[concept], "role": "synonym", "concept": concept,
-               "prompts": concept_prompts(concept, world.SYNONYMS[concept])}]
-    for c in [c for c in same if c != concept] + other:
-        groups.append({"name": c, "role": "other", "concept": c,
-                       "prompts": concept_prompts(c, avoid=concept)})
+def neutral_prompts(kind, avoid=()):
+    """Prompts that name no concept of 'kind' and none of 'avoid': "a red shape", ... for shapes; "a circle", ... for colours."""
+    if kind == "shape":
+        return [f"a {c} shape" for c in world.COLOURS if c not in avoid]
+    return [f"a {s}" for s in world.SHAPES if s not in avoid]
+
+
+def prompt_groups(concepts):
+    """The groups of an erasure benchmark for the erased 'concepts' (see the module docstring). Each names the
+    concepts its rate counts ("shows"): any erased one for the erased, synonym and neutral groups, its own for the others."""
+    erased = erased_concepts(concepts)
+    kinds = list(dict.fromkeys(world.kind_of(c) for c in erased))
+    by_kind = {"shape": world.SHAPES, "colour": world.COLOURS}
+    groups = []
+    for role, naming in (("erased", lambda c: c), ("synonym", lambda c: world.SYNONYMS[c])):
+        for c in erased:
+            others = [e for e in erased if e != c]
+            groups.append({"name": naming(c), "role": role, "concept": c, "shows": erased,
+                           "prompts": concept_prompts(c, naming(c), avoid=others)})
+    for kind in kinds + [k for k in by_kind if k not in kinds]:
+        for c in by_kind[kind]:
+            if c not in erased:
+                groups.append({"name": c, "role": "other", "concept": c, "shows": [c], "prompts": concept_prompts(c, avoid=erased)})
+    for kind in kinds:
+        groups.append({"name": f"no {kind}", "role": "neutral", "concept": None, "shows": erased,
+                       "prompts": neutral_prompts(kind, avoid=erased)})
     return groups
 
 
@@ -137,19 +169,31 @@ def _share(hits):
     return {"rate": sum(hits) / len(hits), "count": sum(hits), "n": len(hits), "hits": hits}
 
 
-def _rate(judged, concept):
-    """How many judged images show 'concept' (in its own attribute), with rate, interval and the
-    per-image verdicts; and how many the judge reads as striped, since no prompt names a texture and an
-    erasure may still change it (the circle's turned plain stars striped)."""
-    shows = _share([int(label == concept) for label in judged[world.kind_of(concept)]])
-    striped = _share([int(label == "striped") for label in judged["texture"]])
-    return {**shows, "ci95": wilson_interval(shows["count"], shows["n"]), "striped": striped}
+def _showing(judged, concepts):
+    """Per judged image: 1 if the judge reads any of 'concepts' in it (each in its own attribute), else 0."""
+    return [int(any(judged[world.kind_of(c)][i] == c for c in concepts)) for i in range(len(judged["texture"]))]
 
 
-def run_groups(pipe, judge, groups, n, seed):
+def _with_interval(hits):
+    share = _share(hits)
+    return {**share, "ci95": wilson_interval(share["count"], share["n"])}
+
+
+def _rate(judged, shows, erased=None):
+    """How many judged images show one of the concepts of 'shows', with rate, interval and the per-image verdicts;
+    how many show one of the 'erased' concepts (when given); and how many the judge reads as striped, since no prompt
+    names a texture and an erasure may still change it (the circle's turned plain stars striped)."""
+    rate = {**_with_interval(_showing(judged, shows)), "striped": _share([int(label == "striped") for label in judged["texture"]])}
+    if erased is not None:
+        rate["erased"] = _with_interval(_showing(judged, erased))
+    return rate
+
+
+def run_groups(pipe, judge, groups, n, seed, erased=None):
     """Generate and judge n images per group, image i of a group from its prompt i (taken in turn) and seed + i;
-    returns (per-group rates, per-group images). A group's prompts are texts, or with "encoded" the prompts'
-    encodings, one row each (a learned token's, which no text names)."""
+    returns (per-group rates, per-group images). A group's rate counts the concepts of its "shows" (default: its
+    "concept"), and with 'erased' the share showing any erased concept too. A group's prompts are texts, or with
+    "encoded" the prompts' encodings, one row each (a learned token's, which no text names)."""
     prompts = [(g.get("encoded", g["prompts"]))[i % len(g["prompts"])] for g in groups for i in range(n)]
     if "encoded" in groups[0]:
         prompts = torch.cat(prompts)
@@ -158,58 +202,72 @@ def run_groups(pipe, judge, groups, n, seed):
     rates, per_group = [], []
     for k, group in enumerate(groups):
         chunk = images[k * n:(k + 1) * n]
-        rates.append(_rate(judge_lib.classify(judge, chunk), group["concept"]))
+        rates.append(_rate(judge_lib.classify(judge, chunk), group.get("shows", [group["concept"]]), erased))
         per_group.append(chunk)
     return rates, per_group
 
 
-def evaluate(model_dir, concept, delta_path=None, n=64, seed=0, grid_path=None, strength=1.0):
-    """Benchmark the erasure of 'concept' stored in delta_path (None: the base model only).
+# The per-image verdicts each change compares: the group's rate, the share showing an erased concept, the striped share.
+CHANGES = {"change": lambda r: r["hits"], "erased_change": lambda r: r["erased"]["hits"],
+           "striped_change": lambda r: r["striped"]["hits"]}
 
-    Returns a JSON-serialisable dict: settings, and per prompt group its role ("erased",
-    "synonym" or "other"), prompts, and "before"/"after" = {rate, count, n, ci95, hits, striped} where
-    rate is the share of images the judge assigns to the group's concept and striped the share it
-    reads as striped ("after" is None without a delta), "change" and "striped_change" (paired, with
-    intervals), plus a "summary" of the erased, synonym and mean other rates.
+
+def evaluate(model_dir, concepts, delta_path=None, n=64, seed=0, grid_path=None, strength=1.0):
+    """Benchmark the erasure of 'concepts' (a shape or colour, or several, comma-separated) stored in delta_path
+    (None: the base model only).
+
+    Returns a JSON-serialisable dict: settings, and per prompt group its role ("erased", "synonym", "other" or
+    "neutral"), prompts, and "before"/"after" = {rate, count, n, ci95, hits, erased, striped} where rate is the share
+    of images showing what the group's "shows" names (see ``prompt_groups``), erased the share showing any erased
+    concept and striped the share the judge reads as striped ("after" is None without a delta); "change",
+    "erased_change" and "striped_change" (paired, with intervals); and a "summary".
     """
-    concept = world.canonical(concept)
+    erased = erased_concepts(concepts)
     if n < 1:
         raise ValueError(f"n (images per prompt group) must be at least 1, got {n}.")
     if not 0 <= seed <= MAX_SEED - (n - 1):
         raise ValueError(f"seed must be from 0 to {MAX_SEED - (n - 1)} (image i takes seed + i, at most 2**64 - 1), got {seed}.")
     pipe, judge = load_pipeline(model_dir), judge_lib.load_judge()
     delta = None if delta_path is None else load_for(pipe.unet, delta_path)  # refuses a misfit before any image is drawn
-    groups = prompt_groups(concept)
-    before, images_before = run_groups(pipe, judge, groups, n, seed)
+    groups = prompt_groups(erased)
+    before, images_before = run_groups(pipe, judge, groups, n, seed, erased)
     after, images_after = [None] * len(groups), None
     if delta is not None:
         with applied_delta(pipe.unet, delta, strength=strength):
-            after, images_after = run_groups(pipe, judge, groups, n, seed)
+            after, images_after = run_groups(pipe, judge, groups, n, seed, erased)
     result = {
-        "model_dir": str(model_dir or world.DEFAULT_MODEL_DIR), "concept": concept,
-        "kind": world.kind_of(concept), "synonym": world.SYNONYMS[concept],
+        "model_dir": str(model_dir or world.DEFAULT_MODEL_DIR), "concept": ", ".join(erased), "concepts": erased,
+        "synonyms": [world.SYNONYMS[c] for c in erased],
         "delta_path": None if delta_path is None else str(delta_path), "strength": strength,
-        "n": n, "seed": seed, "steps": STEPS, "guidance_scale": GUIDANCE_SCALE,
-        "groups": [{**g, "before": b, "after": a,
-                    "change": None if a is None else paired_change(b["hits"], a["hits"]),
-                    "striped_change": None if a is None else paired_change(b["striped"]["hits"], a["striped"]["hits"])}
-                   for g, b, a in zip(groups, before, after)],
+        "n": n, "seed": seed, "steps": STEPS, "guidance_scale": GUIDANCE_SCALE, **compared(groups, before, after),
     }
-    result["summary"] = _summary(result["groups"])
     if grid_path is not None:
         save_grid(grid_path, groups, images_before, images_after)
     return result
 
 
-def _summary(groups):
-    """Erased-concept rate on its own and synonym prompts, and the mean accuracy on the others."""
+def compared(groups, before, after):
+    """The groups with their rates before and after (``run_groups``'s; after: Nones without an erasure) and the
+    paired changes between them, and their summary."""
+    groups = [{**g, "before": b, "after": a,
+               **{name: None if a is None else paired_change(hits(b), hits(a)) for name, hits in CHANGES.items()}}
+              for g, b, a in zip(groups, before, after)]
+    return {"groups": groups, "summary": summary_of(groups)}
+
+
+def summary_of(groups):
+    """The largest share still showing an erased concept on the erased concepts' own and synonym prompts, the mean
+    accuracy on the others, and after an erasure the largest rise of the erased share on any group."""
     summary = {}
     for when in ("before", "after"):
         if groups[0][when] is None:
             continue
-        others = [g[when]["rate"] for g in groups if g["role"] == "other"]
-        summary[when] = {"erased": groups[0][when]["rate"], "synonym": groups[1][when]["rate"],
-                         "others_mean": sum(others) / len(others)}
+        by_role = {role: [g[when]["rate"] for g in groups if g["role"] == role] for role in ("erased", "synonym", "other")}
+        summary[when] = {"erased": max(by_role["erased"]), "synonym": max(by_role["synonym"]),
+                         "others_mean": sum(by_role["other"]) / len(by_role["other"])}
+    if groups[0]["after"] is not None:
+        rises = {g["name"]: g["erased_change"]["change"] for g in groups}
+        summary["largest_erased_rise"] = {"group": max(rises, key=rises.get), "change": max(rises.values())}
     return summary
 
 
@@ -219,19 +277,20 @@ def format_table(result):
         return "-" if r is None else f"{100 * r['rate']:5.1f}% [{100 * r['ci95'][0]:3.0f}-{100 * r['ci95'][1]:3.0f}]"
     def change(c):
         return "-" if c is None else f"{100 * c['change']:+6.1f} [{100 * c['ci95'][0]:+4.0f},{100 * c['ci95'][1]:+4.0f}]"
-    def striped(g):
-        shares = [f"{100 * g[when]['striped']['rate']:.0f}" for when in ("before", "after") if g[when] is not None]
-        return " -> ".join(shares) + "%"
-    lines = [f"erasing {result['concept']!r} ({result['kind']}, synonym {result['synonym']!r}), "
+    def shares(g, key):
+        return " -> ".join(f"{100 * g[when][key]['rate']:.0f}" for when in ("before", "after") if g[when] is not None) + "%"
+    synonyms = ", ".join(result["synonyms"])
+    lines = [f"erasing {result['concept']!r} (synonym{'s' if len(result['concepts']) > 1 else ''} {synonyms}), "
              f"{result['n']} images per group, seed {result['seed']}, strength {result['strength']}",
-             f"{'group':<12}{'role':<9}{'before':<20}{'after':<20}{'change (points)':<20}{'striped':<12}example prompt"]
+             f"{'group':<12}{'role':<9}{'before':<20}{'after':<20}{'change (points)':<20}{'any erased':<12}{'striped':<12}example prompt"]
     for g in result["groups"]:
         lines.append(f"{g['name']:<12}{g['role']:<9}{cell(g['before']):<20}{cell(g['after']):<20}"
-                     f"{change(g['change']):<20}{striped(g):<12}{g['prompts'][-1]!r}")
-    lines.append("erased/synonym: share still showing the erased concept (lower is better after); "
-                 "other: accuracy (should stay). Intervals 95%; the change's is for paired images (the same seeds).")
-    lines.append("striped: share of the images drawn striped; no prompt names a texture, so for the other groups "
-                 "it should stay too (JSON: striped_change).")
+                     f"{change(g['change']):<20}{shares(g, 'erased'):<12}{shares(g, 'striped'):<12}{g['prompts'][-1]!r}")
+    lines.append("erased/synonym/neutral: share showing any erased concept (lower is better after; neutral prompts name no "
+                 "concept of the erased kind, and the erasure must not raise it); other: accuracy (should stay). "
+                 "Intervals 95%; the change's is for paired images (the same seeds).")
+    lines.append("any erased: share of the group's images that show any erased concept (JSON: erased_change); striped: share "
+                 "drawn striped (JSON: striped_change). No prompt names a texture, so it should stay too.")
     return "\n".join(lines)
 
 
