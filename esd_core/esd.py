@@ -92,11 +92,19 @@ class TrainingExample:
     unconditional: torch.Tensor | None = None
 
 
-def esd_target(e0: torch.Tensor, ec: torch.Tensor, ef: torch.Tensor | None, eta: float) -> torch.Tensor:
+def esd_target(e0: torch.Tensor, ec: torch.Tensor, ef: torch.Tensor | None, eta: float,
+               others: list[torch.Tensor] = ()) -> torch.Tensor:
     """Negative guidance away from c: the paper's ``e0 - eta * (ec - e0)``; when erasing c from another text f
-    (``ef`` given), the anchor is f's own prediction: ``ef - eta * (ec - e0)``."""
+    (``ef`` given), the anchor is f's own prediction: ``ef - eta * (ec - e0)``. With ``others`` (the predictions for
+    the other erased concepts) the guidance leads away from each of them too: ``- eta * sum_j (e_j - e0)``, so that
+    an erased concept does not turn into another erased one."""
     anchor = e0 if ef is None else ef
-    return anchor - eta * (ec - e0)
+    return anchor - negative_guidance(e0, [ec, *others], eta)
+
+
+def negative_guidance(e0: torch.Tensor, concepts: list[torch.Tensor], eta: float) -> torch.Tensor:
+    """``eta * sum_j (e_j - e0)``: what a target subtracts to lead away from each of the ``concepts``' predictions."""
+    return eta * sum(e - e0 for e in concepts)
 
 
 def guided(conditional: torch.Tensor, unconditional: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -116,6 +124,7 @@ class TrainingRun:
         # The erased pairs drawn from; an adversarial erasure adds pairs whose source is a conditioning it found,
         # kept in ``conds`` under a name that ``stand_ins`` maps to the source text it stands in for.
         self.erased_pairs: list[Pair] = list(config.pairs)
+        self.erased_concepts = list(dict.fromkeys(concept for concept, _ in config.pairs))
         self.stand_ins: dict[str, str] = {}
 
     def draw(self, high: int) -> int:
@@ -172,15 +181,20 @@ class TrainingRun:
         concept, source = pair[0], self.stand_ins.get(pair[1], pair[1])  # a stand-in's target is its source text's
         guidance = self.guidance_of(pair)
         if concept is None:
-            texts = [source, ""] if guidance != 1.0 else [source]
-            eps = self.frozen_predictions(states, texts)
-            return [(target, None) for target in (guided(eps[:, 0], eps[:, 1], guidance) if guidance != 1.0 else eps[:, 0])]
-        texts = ["", concept, *([source] if source != concept else [])]
-        eps = self.frozen_predictions(states, texts)
-        ef = eps[:, 2] if source != concept else None
+            away = self.erased_concepts if source and self.config.preserve_eta > 0 else []
+            texts = list(dict.fromkeys([source, *([""] if guidance != 1.0 or away else []), *away]))
+            eps = dict(zip(texts, self.frozen_predictions(states, texts).unbind(1)))
+            target = guided(eps[source], eps[""], guidance) if guidance != 1.0 else eps[source]
+            if away:
+                target = target - negative_guidance(eps[""], [eps[c] for c in away], self.config.preserve_eta)
+            return [(row, None) for row in target]
+        others = [c for c in self.erased_concepts if c != concept] if self.config.away_from == "all" else []
+        texts = list(dict.fromkeys(["", concept, *others, source]))
+        eps = dict(zip(texts, self.frozen_predictions(states, texts).unbind(1)))
+        ef = eps[source] if source != concept else None
         # a copy, so that the examples keep only e('') alive, not every row of these predictions
-        held = eps[:, 0].clone() if self.config.hold_unconditional > 0 else [None] * len(states)
-        return list(zip(esd_target(eps[:, 0], eps[:, 1], ef, self.config.eta), held))
+        held = eps[""].clone() if self.config.hold_unconditional > 0 else [None] * len(states)
+        return list(zip(esd_target(eps[""], eps[concept], ef, self.config.eta, [eps[c] for c in others]), held))
 
 
 def reference_examples(run: TrainingRun, pairs: list[Pair], trained: bool) -> Iterator[TrainingExample]:

@@ -489,6 +489,48 @@ def test_holding_the_unconditional_adds_the_empty_prompts_drift_at_the_erased_ex
     assert losses[1] == pytest.approx(kept, rel=1e-4)
 
 
+@pytest.mark.parametrize("away_from", ["all", "own"])
+def test_several_erased_concepts_lead_each_away_from_all_of_them_or_only_its_own(tiny_folders, away_from):
+    """Erasing red and blue: with away_from "all" red's target is e0 - eta ((e_red - e0) + (e_blue - e0)), so that red
+    does not turn into the erased blue; with "own" it is the paper's e0 - eta (e_red - e0). Erasing from another text
+    keeps that text's prediction as the anchor."""
+    from esd_core.esd import TrainingRun
+
+    host = host_for(tiny_folders["sd1"])
+    delta, generator = random_delta(host, "esd-x", 0.0)
+    with host.attach(delta):
+        run = TrainingRun(host, delta, quick_config(concept="red, blue", erase_from="red, star", eta=2.0, away_from=away_from), generator)
+        state = run.trajectories(["red"], 2, False)[0][2]
+
+        def eps(text):
+            return prediction(host, delta, state, text, False)
+
+        others = eps("blue") - eps("") if away_from == "all" else 0.0
+        assert torch.allclose(run.targets([state], ("red", "red"))[0][0], eps("") - 2.0 * (eps("red") - eps("") + others), atol=1e-5)
+        others = eps("red") - eps("") if away_from == "all" else 0.0
+        assert torch.allclose(run.targets([state], ("blue", "star"))[0][0], eps("star") - 2.0 * (eps("blue") - eps("") + others), atol=1e-5)
+
+
+def test_a_preserved_text_can_be_led_away_from_the_erased_concepts_too(tiny_folders):
+    """With preserve_eta v a preserved text's target is its frozen prediction minus v * sum_j (e_j - e0) over the erased
+    concepts (guided first, at preserve_guidance g); the empty prompt's stays its frozen prediction."""
+    from esd_core.esd import TrainingRun, guided
+
+    host = host_for(tiny_folders["sd1"])
+    delta, generator = random_delta(host, "esd-x", 0.0)
+    with host.attach(delta):
+        config = quick_config(concept="red, blue", preserve="star", preserve_eta=0.5, preserve_guidance=2.0)
+        run = TrainingRun(host, delta, config, generator)
+        state = run.trajectories(["star"], 2, False)[0][2]
+
+        def eps(text):
+            return prediction(host, delta, state, text, False)
+
+        away = 0.5 * ((eps("red") - eps("")) + (eps("blue") - eps("")))
+        assert torch.allclose(run.targets([state], (None, "star"))[0][0], guided(eps("star"), eps(""), 2.0) - away, atol=1e-5)
+        assert torch.allclose(run.targets([state], (None, ""))[0][0], eps(""), atol=1e-6)
+
+
 @pytest.mark.parametrize("hold", [-1.0, float("inf")])
 def test_a_negative_or_infinite_unconditional_hold_is_refused(hold):
     with pytest.raises(ValueError, match="hold_unconditional must be a finite number from 0.0 to 100.0"):
