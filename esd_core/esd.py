@@ -96,15 +96,25 @@ def esd_target(e0: torch.Tensor, ec: torch.Tensor, ef: torch.Tensor | None, eta:
                others: list[torch.Tensor] = ()) -> torch.Tensor:
     """Negative guidance away from c: the paper's ``e0 - eta * (ec - e0)``; when erasing c from another text f
     (``ef`` given), the anchor is f's own prediction: ``ef - eta * (ec - e0)``. With ``others`` (the predictions for
-    the other erased concepts) the guidance leads away from each of them too: ``- eta * sum_j (e_j - e0)``, so that
-    an erased concept does not turn into another erased one."""
+    the other erased concepts) the guidance leads away from each of them too (``away_from_others``), so that an
+    erased concept does not turn into another erased one."""
     anchor = e0 if ef is None else ef
-    return anchor - negative_guidance(e0, [ec, *others], eta)
+    return anchor - eta * ((ec - e0) + away_from_others(e0, ec, others))
 
 
-def negative_guidance(e0: torch.Tensor, concepts: list[torch.Tensor], eta: float) -> torch.Tensor:
-    """``eta * sum_j (e_j - e0)``: what a target subtracts to lead away from each of the ``concepts``' predictions."""
-    return eta * sum(e - e0 for e in concepts)
+def away_from_others(e0: torch.Tensor, own: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_j d_j``, where d_j is ``others[j] - e0`` less any part of it that points against ``own - e0`` (row by
+    row). At one concept's x_t another concept's direction mostly says "not this one": summed whole, it would
+    cancel the push away from the concept itself, or amplify a preserved one (measured on the tiny world)."""
+    own_direction = own - e0
+    dims = tuple(range(1, own_direction.dim()))
+    squared_norm = (own_direction * own_direction).sum(dims, keepdim=True).clamp_min(1e-12)
+    total = torch.zeros_like(own_direction)
+    for other in others:
+        direction = other - e0
+        along = (direction * own_direction).sum(dims, keepdim=True) / squared_norm
+        total = total + direction - along.clamp(max=0) * own_direction
+    return total
 
 
 def guided(conditional: torch.Tensor, unconditional: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -186,7 +196,7 @@ class TrainingRun:
             eps = dict(zip(texts, self.frozen_predictions(states, texts).unbind(1)))
             target = guided(eps[source], eps[""], guidance) if guidance != 1.0 else eps[source]
             if away:
-                target = target - negative_guidance(eps[""], [eps[c] for c in away], self.config.preserve_eta)
+                target = target - self.config.preserve_eta * away_from_others(eps[""], eps[source], [eps[c] for c in away])
             return [(row, None) for row in target]
         others = [c for c in self.erased_concepts if c != concept] if self.config.away_from == "all" else []
         texts = list(dict.fromkeys(["", concept, *others, source]))

@@ -138,12 +138,12 @@ OPTIONS = (
     Option("adversarial_every", 10, "Adversarial erasure: updates between two attacks.", minimum=1, maximum=100_000),
     Option("adversarial_steps", 10, "Adversarial erasure: Adam steps of each attack; each continues the last one's.",
            minimum=1, maximum=10_000),
-    Option("away_from", "all", "Erasing several concepts: all: each concept's target leads away from every erased "
-           "concept, e(from) - eta * sum_j (e(concept_j) - e('')), so that one erased concept does not turn into another; "
-           "own: away from its own concept only (the paper).", choices=AWAY_FROM_CHOICES),
+    Option("away_from", "all", "Erasing several concepts: all: each concept's target also leads away from every other "
+           "erased concept (without the part of that push that points back towards its own), so that one erased concept "
+           "does not turn into another; own: away from its own concept only (the paper).", choices=AWAY_FROM_CHOICES),
     Option("preserve_eta", 0.0, "Negative guidance for the preserved texts: each one's target also leads away from "
-           "the erased concepts, e(text) - preserve_eta * sum_j (e(concept_j) - e('')), so that the erasure does not move a "
-           "concept into prompts that do not ask for it. 0: kept as they were.", minimum=0.0, maximum=100.0, step=0.1),
+           "the erased concepts (without the part that points towards the text's own), so that the erasure does not move "
+           "a concept into prompts that do not ask for it. 0: kept as they were.", minimum=0.0, maximum=100.0, step=0.1),
     Option("save_dtype", "fp16", "Precision of the written file (fp16 and bf16 halve its size; fp32 keeps the trained "
            "values exactly).", SAVE_NODE, choices=tuple(DTYPES), in_config=False, node_name="dtype"),
     Option("save_format", "lora", "lora: a LoRA file (kohya keys) that ComfyUI, A1111, Forge and diffusers load; full-rank "

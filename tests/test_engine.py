@@ -489,11 +489,36 @@ def test_holding_the_unconditional_adds_the_empty_prompts_drift_at_the_erased_ex
     assert losses[1] == pytest.approx(kept, rel=1e-4)
 
 
+def test_another_erased_concepts_direction_loses_only_the_part_that_points_back():
+    """away_from_others keeps a direction that does not oppose the concept's own, and of one that does it removes
+    exactly the opposing part, row by row."""
+    from esd_core.esd import away_from_others
+
+    e0 = torch.zeros(2, 4, 3, 3)
+    own = torch.zeros_like(e0)
+    own[:, 0] = 1.0
+    helping, opposing = torch.zeros_like(e0), torch.zeros_like(e0)
+    helping[:, 0], helping[:, 1] = 0.5, 2.0
+    opposing[0, 0], opposing[0, 1] = -3.0, 2.0  # row 0 points back; row 1 does not
+    opposing[1, 0], opposing[1, 2] = 1.0, 1.0
+    assert torch.equal(away_from_others(e0, own, [helping]), helping)
+    kept = away_from_others(e0, own, [opposing])
+    assert torch.equal(kept[0, 0], torch.zeros(3, 3)) and torch.equal(kept[0, 1], torch.full((3, 3), 2.0))
+    assert torch.equal(kept[1], opposing[1])
+    assert torch.equal(away_from_others(e0, own, []), torch.zeros_like(e0))
+
+
+def without_opposing(direction, own):
+    """The test's own statement of the rule: ``direction`` less its part along ``own`` when that part is negative."""
+    along = float((direction * own).sum() / (own * own).sum())
+    return direction - min(along, 0.0) * own
+
+
 @pytest.mark.parametrize("away_from", ["all", "own"])
 def test_several_erased_concepts_lead_each_away_from_all_of_them_or_only_its_own(tiny_folders, away_from):
-    """Erasing red and blue: with away_from "all" red's target is e0 - eta ((e_red - e0) + (e_blue - e0)), so that red
-    does not turn into the erased blue; with "own" it is the paper's e0 - eta (e_red - e0). Erasing from another text
-    keeps that text's prediction as the anchor."""
+    """Erasing red and blue: with away_from "all" red's target is e0 - eta ((e_red - e0) + d_blue), d_blue being
+    e_blue - e0 without any part that points against e_red - e0, so that red does not turn into the erased blue;
+    with "own" it is the paper's e0 - eta (e_red - e0). Erasing from another text keeps that text's prediction as the anchor."""
     from esd_core.esd import TrainingRun
 
     host = host_for(tiny_folders["sd1"])
@@ -505,15 +530,19 @@ def test_several_erased_concepts_lead_each_away_from_all_of_them_or_only_its_own
         def eps(text):
             return prediction(host, delta, state, text, False)
 
-        others = eps("blue") - eps("") if away_from == "all" else 0.0
-        assert torch.allclose(run.targets([state], ("red", "red"))[0][0], eps("") - 2.0 * (eps("red") - eps("") + others), atol=1e-5)
-        others = eps("red") - eps("") if away_from == "all" else 0.0
-        assert torch.allclose(run.targets([state], ("blue", "star"))[0][0], eps("star") - 2.0 * (eps("blue") - eps("") + others), atol=1e-5)
+        def direction(text):
+            return eps(text) - eps("")
+
+        others = without_opposing(direction("blue"), direction("red")) if away_from == "all" else 0.0
+        assert torch.allclose(run.targets([state], ("red", "red"))[0][0], eps("") - 2.0 * (direction("red") + others), atol=1e-5)
+        others = without_opposing(direction("red"), direction("blue")) if away_from == "all" else 0.0
+        assert torch.allclose(run.targets([state], ("blue", "star"))[0][0], eps("star") - 2.0 * (direction("blue") + others), atol=1e-5)
 
 
 def test_a_preserved_text_can_be_led_away_from_the_erased_concepts_too(tiny_folders):
-    """With preserve_eta v a preserved text's target is its frozen prediction minus v * sum_j (e_j - e0) over the erased
-    concepts (guided first, at preserve_guidance g); the empty prompt's stays its frozen prediction."""
+    """With preserve_eta v a preserved text's target is its frozen prediction (guided first, at preserve_guidance g)
+    minus v times the erased concepts' directions, each without any part that points against the text's own
+    direction (which would only amplify the text); the empty prompt's target stays its frozen prediction."""
     from esd_core.esd import TrainingRun, guided
 
     host = host_for(tiny_folders["sd1"])
@@ -526,7 +555,8 @@ def test_a_preserved_text_can_be_led_away_from_the_erased_concepts_too(tiny_fold
         def eps(text):
             return prediction(host, delta, state, text, False)
 
-        away = 0.5 * ((eps("red") - eps("")) + (eps("blue") - eps("")))
+        star = eps("star") - eps("")
+        away = 0.5 * sum(without_opposing(eps(c) - eps(""), star) for c in ("red", "blue"))
         assert torch.allclose(run.targets([state], (None, "star"))[0][0], guided(eps("star"), eps(""), 2.0) - away, atol=1e-5)
         assert torch.allclose(run.targets([state], (None, ""))[0][0], eps(""), atol=1e-6)
 
