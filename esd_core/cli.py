@@ -1,7 +1,6 @@
 """Command line: ``esd-erase erase | apply | info | export | eval | attack | demo | bench`` (also ``python -m esd_core``)."""
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -15,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .attack import InversionSettings
 from .config import BENCH_CASES, BENCH_RANKS, EraseConfig
-from .erasure_file import ErasureDelta, check_usable, family_from_metadata, read_safetensors, summary, write_atomically
+from .erasure_file import ErasureDelta, check_usable, family_from_metadata, read_safetensors, summary, write_atomically, write_json_atomically
 from .keys import BUILT_IN_FAMILIES, UnetLayout
 from .lora_format import save_erasure
 from .methods import TRAIN_METHODS, resolve_method
@@ -328,7 +327,7 @@ def run_eval(args) -> dict:
     result = evaluate(args.model, args.concept, args.delta, n=args.n, seed=args.seed, grid_path=grid, strength=args.strength)
     print(format_table(result))
     if args.json:
-        write_atomically(args.json, lambda temp: _write_json(temp, result))
+        write_json_atomically(args.json, result)
         print(f"wrote {args.json}")
     if grid:
         print(f"wrote {grid}")
@@ -351,7 +350,7 @@ def run_attack(args) -> None:
         result, vectors = attack_erasure(args.model, args.concept, args.delta, settings, args.n or 64, args.seed, args.controls, args.curve,
                                          grid_path=stem + "-grid.png")
         print(format_attack(result))
-        write_atomically(stem + ".json", lambda temp: _write_json(temp, result))
+        write_json_atomically(stem + ".json", result)
         written = [stem + ".json"]
     else:
         vectors, written = attack_model(args, settings, stem + "-grid.png"), []
@@ -410,13 +409,8 @@ def run_bench(args) -> None:
         report["tiny_world"] = tiny_world_bench(args.concept, device, args.iterations, args.n)
         print(format_rows(report["tiny_world"]["summary"]))
     if args.json:
-        write_atomically(args.json, lambda temp: _write_json(temp, report))
+        write_json_atomically(args.json, report)
         print(f"wrote {args.json}")
-
-
-def _write_json(path: str, data) -> None:
-    with open(path, "w") as handle:
-        json.dump(data, handle, indent=2)
 
 
 COMMANDS = {

@@ -258,6 +258,15 @@ def write_atomically(path: str, write) -> None:
         raise
 
 
+def write_json_atomically(path: str, data) -> None:
+    """Write ``data`` as indented JSON to ``path`` (``write_atomically``: no partial file on failure)."""
+    def write(temp: str) -> None:
+        with open(temp, "w") as handle:
+            json.dump(data, handle, indent=2)
+
+    write_atomically(path, write)
+
+
 def _restore_mode(path: str, mode: int) -> None:
     """Give a written file back the permissions it was created with (safetensors rewrites its files owner-only), so
     that a ComfyUI server running as another user can read it; where the file system refuses, leave it as it is."""

@@ -3,9 +3,9 @@ variant's flags), then judged on 64 images per prompt group at two evaluation se
 images showing any erased concept (the erased concepts' own and synonym prompts, the other concepts' prompts, and
 prompts that name no concept of the erased kind), the other concepts' accuracy, and the share drawn striped.
 
-    python docs/benchmarks/erased_everywhere.py --out docs/benchmarks/everywhere --work /tmp/everywhere \
+    python docs/benchmarks/erased_everywhere.py --out docs/benchmarks/erased-everywhere --work /tmp/everywhere \
         [--cases "circle, star" blue] [--variant NAME --flags "--eta 2"]
-    python docs/benchmarks/erased_everywhere.py --out docs/benchmarks/everywhere --table
+    python docs/benchmarks/erased_everywhere.py --out docs/benchmarks/erased-everywhere --table
 
 Erasures and the base model's rates are kept in --work and reused; one JSON per case and variant goes to --out.
 """
@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from esd_core.apply import applied_delta, load_for  # noqa: E402
 from esd_core.cli import main as cli  # noqa: E402
+from esd_core.erasure_file import write_json_atomically  # noqa: E402
 from esd_core.tinyworld import judge as judge_lib  # noqa: E402
 from esd_core.tinyworld import world  # noqa: E402
 from esd_core.tinyworld.evaluate import compared, erased_concepts, load_pipeline, prompt_groups, run_groups  # noqa: E402
@@ -54,9 +55,7 @@ def base_rates(pipe, judge, groups, erased, seed: int, work: str) -> list[dict]:
     """The base model's judged rates on ``groups`` at ``seed``, kept in ``work`` (they do not depend on the erasure)."""
     path = os.path.join(work, f"base-{'-'.join(erased)}-seed{seed}.json")
     if not os.path.exists(path):
-        rates = run_groups(pipe, judge, groups, N, seed, erased)[0]
-        with open(path, "w") as handle:
-            json.dump(rates, handle)
+        write_json_atomically(path, run_groups(pipe, judge, groups, N, seed, erased)[0])
     with open(path) as handle:
         return json.load(handle)
 
@@ -103,7 +102,10 @@ def table(folder: str) -> str:
     """A Markdown table of every case and variant measured in ``folder``."""
     lines = ["| erased | variant | own prompts | synonym | largest rise of the erased share | worst other | striped shift "
              "(others) | targets |", "|---" * 8 + "|"]
-    results = [json.load(open(os.path.join(folder, name))) for name in sorted(os.listdir(folder)) if name.endswith(".json")]
+    results = []
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".json")):
+        with open(os.path.join(folder, name)) as handle:
+            results.append(json.load(handle))
     for case in CASES:
         for result in (r for r in results if r["case"] == ", ".join(erased_concepts(case))):
             v = verdict(result)
@@ -135,8 +137,7 @@ def main() -> None:
         if os.path.exists(json_path):
             continue
         result = measure(case, args.variant, shlex.split(args.flags), args.work, args.seeds)
-        with open(json_path, "w") as handle:
-            json.dump(result, handle, indent=1)
+        write_json_atomically(json_path, result)
         v = verdict(result)
         print(f"{result['case']} [{args.variant}]: erased {100 * v['erased']:.1f}%, synonym {100 * v['synonym']:.1f}%, "
               f"rise {100 * v['rise'][0]:+.1f} ({v['rise'][1]}), other {100 * v['other'][0]:+.1f} ({v['other'][1]}), "

@@ -18,6 +18,7 @@ import torch
 from esd_core.apply import applied_delta, load_for
 from esd_core.attack import InversionSettings
 from esd_core.cli import main as cli
+from esd_core.erasure_file import write_json_atomically
 from esd_core.tinyworld import judge as judge_lib
 from esd_core.tinyworld import world
 from esd_core.tinyworld.evaluate import load_pipeline, paired_change, prompt_groups, run_groups
@@ -103,8 +104,7 @@ def measure_all(out: str, work: str, concepts: list[str]) -> None:
             continue
         result = measure(concept, work)
         result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-        with open(path, "w") as handle:
-            json.dump(result, handle, indent=2)
+        write_json_atomically(path, result)
         print(json.dumps({k: v for k, v in result.items() if k in ("concept", "time_ratio")} | {
             kind: {k: result[kind][k] for k in ("erased", "synonym", "worst_other_change", "attack")} for kind in ("plain", "adversarial")}))
 
