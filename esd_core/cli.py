@@ -113,7 +113,7 @@ def _add_erase_arguments(parser: argparse.ArgumentParser, **concept) -> None:
             add_option(parser, option)
 
 
-METHODS_EPILOG = "methods:\n" + "\n".join(f"  {name:14s} {description}" for name, (description, _) in TRAIN_METHODS.items())
+METHODS_EPILOG = "methods:\n" + "\n".join(f"  {name:14s} {description}" for name, (description, *_) in TRAIN_METHODS.items())
 
 ERASE_DESCRIPTION = (
     "Train an erasure delta. For any model the paper's settings are the defaults: 1000 iterations, lr 1e-5, "

@@ -22,3 +22,17 @@ TEXT_SHAPES = {"sd1": (77, None), "sd2": (77, None), "sdxl": (77, 1280)}
 
 # SD's training noise schedule (all three families).
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+# Full-size MMDiT transformer configs of the flow-matching families, as their published transformer/config.json
+# files give them (fields that differ from the diffusers class defaults): class name and config.
+FULL_SIZE_TRANSFORMER_CONFIGS = {
+    "flux-dev": ("FluxTransformer2DModel", dict(guidance_embeds=True)),
+    "flux-schnell": ("FluxTransformer2DModel", dict(guidance_embeds=False)),
+    "sd3.5-medium": ("SD3Transformer2DModel", dict(
+        num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+        qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
+    )),
+    "sd3.5-large": ("SD3Transformer2DModel", dict(
+        num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm",
+    )),
+}

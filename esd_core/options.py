@@ -90,7 +90,7 @@ OPTIONS = (
     Option("preserve", "", "Comma-separated texts the erasure must leave as they were (e.g. other artists, related "
            "objects); each update also trains them, and the empty prompt, towards the original model.", ERASE_NODE,
            multiline=True),
-    Option("method", "esd-x", "Which layers train. " + "; ".join(f"{m}: {d}" for m, (d, _) in TRAIN_METHODS.items()) + ".",
+    Option("method", "esd-x", "Which layers train. " + "; ".join(f"{m}: {d}" for m, (d, *_) in TRAIN_METHODS.items()) + ".",
            ERASE_NODE, choices=tuple(TRAIN_METHODS), aliases=tuple(METHOD_ALIASES)),
     Option("iterations", 1000, "Updates of the erasure (the paper: 1000).", ERASE_NODE, minimum=1, maximum=100_000),
     Option("lr", 1e-5, "Adam learning rate (the paper: 1e-5; esd-x on SDXL often needs more, e.g. 2e-4).", ERASE_NODE,

@@ -9,7 +9,7 @@ from esd_core.config import EraseConfig, concept_pairs
 from esd_core.erasure_file import file_key, read_entries
 from esd_core.keys import diffusers_to_ldm_names
 from esd_core.methods import layer_tensors, resolve_method, select_parameters
-from esd_core.model_configs import FULL_SIZE_UNET_CONFIGS
+from esd_core.model_configs import FULL_SIZE_TRANSFORMER_CONFIGS, FULL_SIZE_UNET_CONFIGS
 
 def meta_unet(family):
     with torch.device("meta"):
@@ -42,6 +42,63 @@ def test_methods_partition_the_layers_and_never_train_norms():
     assert not set(cross) & set(outside)
     assert all("attn1" in name for name in select_parameters(everything, "selfattn"))
     assert not any("norm" in name.split(".")[-2] for name in everything)
+
+
+def meta_transformer(family):
+    import diffusers
+
+    class_name, config = FULL_SIZE_TRANSFORMER_CONFIGS[family]
+    with torch.device("meta"):
+        return getattr(diffusers, class_name)(**config)
+
+
+def linear_size(rows, columns):
+    return rows * columns + rows  # weight and bias
+
+
+# Text-stream attention layers of each real config, counted by hand: Flux has 19 double blocks of dimension 3072,
+# each with add_q/k/v and to_add_out; SD3.5 Medium (24 blocks, 1536) and Large (38 blocks, 2432) have q, k, v in
+# every block and an output projection in all but the last, whose text stream ends there.
+TEXT_STREAM_BY_HAND = {
+    "flux-dev": 19 * 4 * linear_size(3072, 3072),
+    "flux-schnell": 19 * 4 * linear_size(3072, 3072),
+    "sd3.5-medium": (24 * 3 + 23) * linear_size(1536, 1536),
+    "sd3.5-large": (38 * 3 + 37) * linear_size(2432, 2432),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FULL_SIZE_TRANSFORMER_CONFIGS))
+def test_transformer_method_counts_on_real_configs(family):
+    transformer = meta_transformer(family)
+    everything = layer_tensors(transformer)
+
+    def count(method):
+        return sum(t.numel() for t in select_parameters(everything, method, "mmdit").values())
+
+    assert count("esd-x") == TEXT_STREAM_BY_HAND[family]
+    assert count("esd-x") + count("esd-u") == count("esd-all") == sum(t.numel() for t in everything.values())
+    with pytest.raises(ValueError, match="UNets only.*esd-x"):
+        select_parameters(everything, "esd-x-strict", "mmdit")
+
+
+def test_published_totals_of_the_transformers():
+    totals = {family: sum(p.numel() for p in meta_transformer(family).parameters()) for family in FULL_SIZE_TRANSFORMER_CONFIGS}
+    assert round(totals["flux-dev"] / 1e9, 1) == 11.9  # the model card's "12 billion parameter"
+    assert round(totals["sd3.5-medium"] / 1e9, 2) == 2.24
+    assert round(totals["sd3.5-large"] / 1e9, 2) == 8.06
+
+
+def test_text_stream_selection_reads_comfyui_names_too():
+    names = [
+        "double_blocks.0.txt_attn.qkv.weight", "double_blocks.0.txt_attn.proj.bias", "double_blocks.0.img_attn.qkv.weight",
+        "double_blocks.0.txt_mlp.0.weight", "single_blocks.3.linear1.weight",
+        "joint_blocks.2.context_block.attn.qkv.weight", "joint_blocks.2.context_block.attn.proj.weight",
+        "joint_blocks.2.x_block.attn.qkv.weight", "joint_blocks.2.x_block.attn2.qkv.weight",
+    ]
+    tensors = {name: torch.empty(0) for name in names}
+    assert sorted(select_parameters(tensors, "esd-x", "mmdit")) == sorted(
+        n for n in names if ".txt_attn." in n or ".context_block.attn." in n)
+    assert "joint_blocks.2.x_block.attn2.qkv.weight" in select_parameters(tensors, "esd-u", "mmdit")
 
 
 def test_selection_works_on_ldm_names_too():
