@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from .erasure_file import write_atomically
 from .host import ErasureHost
-from .sampling import ddim_scheduler, ddim_trajectory
+from .sampling import guided_trajectory
 
 TOKEN = "<erased-concept>"  # the new word; a template marks its place with "{}"
 # Prompts a concept of a real model appears in, for a model without its own (the tiny world has them).
@@ -48,12 +48,12 @@ class LearnedToken:
 @torch.no_grad()
 def concept_latents(host: ErasureHost, prompts: list[str], count: int, generator: torch.Generator, steps: int, guidance: float) -> torch.Tensor:
     """``count`` clean latents drawn by the host's model (whole guided DDIM trajectories), the prompts taken in turn."""
-    scheduler = ddim_scheduler(host.alphas_cumprod, steps)
+    scheduler = host.sampling_scheduler(steps)
     unconditional = host.encode("")
     latents = []
     for start in range(0, count, ROWS_PER_PASS):
         conds = [host.encode(prompts[i % len(prompts)]) for i in range(start, min(count, start + ROWS_PER_PASS))]
-        latents.append(ddim_trajectory(host, scheduler, steps, conds, unconditional, guidance, generator)[-1].latents)
+        latents.append(guided_trajectory(host, scheduler, steps, conds, unconditional, guidance, generator)[-1].latents)
     return torch.cat(latents)
 
 
@@ -76,7 +76,7 @@ def denoising_loss(host: ErasureHost, latents: torch.Tensor, conds: list, genera
     noise = torch.randn(latents[rows].shape, generator=generator).to(latents.device)
     alpha = host.alphas_cumprod[timesteps].to(latents.device).view(-1, 1, 1, 1)
     x_t = alpha.sqrt() * latents[rows] + (1 - alpha).sqrt() * noise
-    return F.mse_loss(host.predict_eps(x_t, timesteps, conds), noise)
+    return F.mse_loss(host.predict(x_t, timesteps, conds), noise)
 
 
 def invert_token(host: ErasureHost, latents: torch.Tensor, templates: list[str], settings: InversionSettings,

@@ -53,12 +53,12 @@ class TwoUNetHost(RandomWeightHost):
         self.frozen_unet = copy.deepcopy(self.unet)
         self.switch = TrainableDelta({})  # only its on/off flag: on = the trained UNet, off = the frozen copy
 
-    def predict_eps(self, x_t, timestep, conds):
+    def predict(self, x_t, timestep, conds):
         if self.switch.enabled:
-            return super().predict_eps(x_t, timestep, conds)
+            return super().predict(x_t, timestep, conds)
         trained, self.unet = self.unet, self.frozen_unet
         try:
-            return super().predict_eps(x_t, timestep, conds)
+            return super().predict(x_t, timestep, conds)
         finally:
             self.unet = trained
 

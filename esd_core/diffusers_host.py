@@ -110,7 +110,7 @@ class DiffusersHost(ErasureHost):
         embeds, _ = self.pipeline.encode_prompt(text, self.device, 1, False)
         return embeds, None
 
-    def predict_eps(self, x_t: torch.Tensor, timestep, conds: list) -> torch.Tensor:
+    def predict(self, x_t: torch.Tensor, timestep, conds: list) -> torch.Tensor:
         batch = len(conds)
         sample = x_t.to(self.device, self.dtype).expand(batch, -1, -1, -1)
         timesteps = torch.as_tensor(timestep, device=self.device).expand(batch)
@@ -206,7 +206,7 @@ def _output_hook(delta: TrainableDelta, prefix: str):
 @contextmanager
 def _added_to_weights(unet, delta: TrainableDelta):
     """torch's parametrizations make each selected tensor read as ``delta.added_to`` it (computed once per UNet
-    pass under ``predict_eps``'s cache, and again when gradient checkpointing recomputes a block in backward);
+    pass under ``predict``'s cache, and again when gradient checkpointing recomputes a block in backward);
     removed afterwards, which leaves the original tensors in place."""
     modules = dict(unet.named_modules())
     added = []

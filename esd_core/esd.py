@@ -36,7 +36,7 @@ from .config import EraseConfig
 from .erasure_file import ErasureDelta, erasure_metadata, fingerprint
 from .host import ErasureHost
 from .methods import select_parameters
-from .sampling import TrajectoryState, ddim_scheduler, ddim_trajectory
+from .sampling import TrajectoryState, guided_trajectory
 from .trainable import TrainableDelta
 
 # (concept, source): erase concept from source; (None, text): keep the prediction for text as it was.
@@ -65,7 +65,7 @@ class SampledState:
     @classmethod
     def of_row(cls, state: TrajectoryState, row: int, source: str) -> "SampledState":
         """Row ``row`` of a trajectory state sampled for ``source`` (with the frozen model if it kept predictions:
-        e('') and e(source), in ``ddim_trajectory``'s order; for the empty source both are e(''))."""
+        e('') and e(source), in ``guided_trajectory``'s order; for the empty source both are e(''))."""
         if state.predictions is None:
             return cls(state.latents[row : row + 1], state.timestep)
         unconditional, conditional = state.predictions[:, row : row + 1]
@@ -130,7 +130,7 @@ class TrainingRun:
         self.host, self.delta, self.config, self.generator = host, delta, config, generator
         texts = ["", *(t for pair in config.pairs for t in pair), *config.preserved]
         self.conds = {text: host.encode(text) for text in texts}
-        self.scheduler = ddim_scheduler(host.alphas_cumprod, config.sample_steps)
+        self.scheduler = host.sampling_scheduler(config.sample_steps)
         # The erased pairs drawn from; an adversarial erasure adds pairs whose source is a conditioning it found,
         # kept in ``conds`` under a name that ``stand_ins`` maps to the source text it stands in for.
         self.erased_pairs: list[Pair] = list(config.pairs)
@@ -162,7 +162,7 @@ class TrainingRun:
         or the frozen model (which leaves its predictions at each state to the targets)."""
         with self.delta.switched(trained):
             conds = [self.conds[source] for source in sources]
-            states = ddim_trajectory(self.host, self.scheduler, steps, conds, self.conds[""], self.config.sample_guidance,
+            states = guided_trajectory(self.host, self.scheduler, steps, conds, self.conds[""], self.config.sample_guidance,
                                      self.generator, keep_predictions=not trained)
         return [[SampledState.of_row(state, row, source) for state in states] for row, source in enumerate(sources)]
 
@@ -177,7 +177,7 @@ class TrainingRun:
             x = torch.cat([states[i].x_t for i in group]).repeat_interleave(len(texts), dim=0)
             timesteps = torch.tensor([states[i].timestep for i in group]).repeat_interleave(len(texts))
             with self.delta.switched(False):
-                predicted = self.host.predict_eps(x, timesteps, [self.conds[t] for t in texts] * len(group))
+                predicted = self.host.predict(x, timesteps, [self.conds[t] for t in texts] * len(group))
             for i, rows in zip(group, predicted.view(len(group), len(texts), *predicted.shape[1:])):
                 eps[i] = rows
         return torch.stack(eps)
@@ -255,7 +255,7 @@ def update(run: TrainingRun, optimizer: torch.optim.Optimizer, examples: list[Tr
     timesteps = torch.tensor([row.timestep for row in rows])
     conds = [run.conds[example.source] for example in examples] + [run.conds[""]] * len(empty_rows)
     with run.delta.switched(True):  # also through backward, which may recompute checkpointed activations
-        predictions = list(run.host.predict_eps(x, timesteps, conds))
+        predictions = list(run.host.predict(x, timesteps, conds))
         empty = dict(zip(empty_rows, predictions[len(examples) :]))
         loss = 0.0
         for i, (example, w) in enumerate(zip(examples, weights)):

@@ -1,20 +1,29 @@
-"""Producing x_t the way ESD does: a partial DDIM trajectory from noise, with classifier-free guidance."""
+"""Producing x_t the way ESD does: a partial trajectory from noise, under guidance as the model is used.
 
-from typing import NamedTuple
+Stable Diffusion UNets step with DDIM on their own noise schedule and classifier-free guidance. Flow-matching
+transformers (Flux.1, SD3.x) step with Euler on their own shifted sigma schedule (diffusers'
+FlowMatchEulerDiscreteScheduler); the host says how a sampler combines the two predictions of a step
+(``ErasureHost.sampler_prediction``): true classifier-free guidance (SD, SD3), or the conditional prediction
+alone when the guidance is an input of the model (Flux.1-dev) or absent (Flux.1-schnell).
+"""
+
+import copy
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from diffusers import DDIMScheduler
 
-from .host import ErasureHost
+if TYPE_CHECKING:  # the host's own module imports this one
+    from .host import ErasureHost
 
 
 class TrajectoryState(NamedTuple):
-    """The latents after k DDIM steps (one row per trajectory) and the 1000-step timestep of their noise level;
-    with ``predictions``, the model's e(uncond) and e(cond) there, stacked on dim 0, which the next step was taken
-    with (None after the last step, or when not asked for)."""
+    """The latents after k steps (one row per trajectory) and the scheduler timestep of their noise level (an int on
+    SD's 1000-step schedule, a float sigma * 1000 for flow matching); with ``predictions``, the model's p(uncond) and
+    p(cond) there, stacked on dim 0, which the next step was taken with (None after the last step, or when not asked for)."""
 
     latents: torch.Tensor
-    timestep: int
+    timestep: int | float
     predictions: torch.Tensor | None = None
 
 
@@ -39,9 +48,9 @@ def ddim_scheduler(alphas_cumprod: torch.Tensor, sample_steps: int) -> DDIMSched
 
 
 @torch.no_grad()
-def ddim_trajectory(
-    host: ErasureHost,
-    scheduler: DDIMScheduler,
+def guided_trajectory(
+    host: "ErasureHost",
+    scheduler,
     steps: int,
     conds: list,
     uncond,
@@ -49,24 +58,26 @@ def ddim_trajectory(
     generator: torch.Generator,
     keep_predictions: bool = False,
 ) -> list[TrajectoryState]:
-    """Run ``steps`` guided DDIM steps from Gaussian noise, one trajectory per cond, all in one batch; return
-    every state, 0..steps, with the predictions each step was taken with if ``keep_predictions``.
+    """Run ``steps`` guided steps of ``scheduler`` (the host's ``sampling_scheduler``) from Gaussian noise, one
+    trajectory per cond, all in one batch; return every state, 0..steps, with the predictions each step was taken
+    with if ``keep_predictions``.
 
-    What "right" means: the noise starts at ``scheduler.timesteps[0]`` and each DDIM step moves the latent
-    from ``timesteps[i]`` to ``timesteps[i + 1]``. So state k (after k steps) carries the noise level of
+    What "right" means: the noise starts at ``scheduler.timesteps[0]`` and each step moves the latent from
+    ``timesteps[i]`` to ``timesteps[i + 1]``. So state k (after k steps) carries the noise level of
     ``timesteps[k]``, and that is the timestep the loss must be computed at. (The reference code maps the
     step index to the 1000-step schedule one step late.)
     """
+    scheduler = copy.deepcopy(scheduler)  # a flow-matching scheduler counts its steps; each trajectory starts afresh
     rows = len(conds)
     noise = torch.randn((rows, *host.latent_shape), generator=generator, dtype=torch.float32)
     x = noise.to(host.device) * scheduler.init_noise_sigma
     states = []
     for step in range(steps):
-        timestep = int(scheduler.timesteps[step])
-        predictions = host.predict_eps(torch.cat([x, x]), timestep, [uncond] * rows + conds).unflatten(0, (2, rows))
+        timestep = scheduler.timesteps[step].item()
+        predictions = host.predict(torch.cat([x, x]), timestep, [uncond] * rows + conds).unflatten(0, (2, rows))
         states.append(TrajectoryState(x, timestep, predictions if keep_predictions else None))
-        eps_uncond, eps_cond = predictions
-        x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), timestep, x).prev_sample
-    clean = steps == len(scheduler.timesteps)  # a whole trajectory ends at the schedule's first timestep
-    states.append(TrajectoryState(x, 0 if clean else int(scheduler.timesteps[steps])))
+        unconditional, conditional = predictions
+        x = scheduler.step(host.sampler_prediction(unconditional, conditional, guidance), timestep, x).prev_sample
+    clean = steps == len(scheduler.timesteps)  # a whole trajectory ends at noise level 0
+    states.append(TrajectoryState(x, 0 if clean else scheduler.timesteps[steps].item()))
     return states

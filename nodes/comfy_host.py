@@ -217,7 +217,7 @@ class ComfyErasureHost(ErasureHost):
     def alphas_cumprod(self) -> torch.Tensor:
         return self._alphas_cumprod
 
-    def predict_eps(self, x_t: torch.Tensor, timestep, conds: list) -> torch.Tensor:
+    def predict(self, x_t: torch.Tensor, timestep, conds: list) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
         if not self._others_freed:  # first pass, after the prompts are encoded: this model alone in memory
             self._load(free_others=True)

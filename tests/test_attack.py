@@ -65,11 +65,11 @@ def test_the_inversion_learns_a_token_that_draws_the_images_better_than_where_it
 
 
 def test_concept_latents_run_the_whole_trajectory_to_timestep_0(tiny_folders):
-    from esd_core.sampling import ddim_scheduler, ddim_trajectory
+    from esd_core.sampling import guided_trajectory
 
     host = host_for(tiny_folders["sd1"])
-    scheduler = ddim_scheduler(host.alphas_cumprod, 4)
-    states = ddim_trajectory(host, scheduler, 4, [host.encode("red")], host.encode(""), 3.0, torch.Generator().manual_seed(0))
+    scheduler = host.sampling_scheduler(4)
+    states = guided_trajectory(host, scheduler, 4, [host.encode("red")], host.encode(""), 3.0, torch.Generator().manual_seed(0))
     assert [state.timestep for state in states] == [*scheduler.timesteps.tolist(), 0]
 
 

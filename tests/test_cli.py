@@ -139,8 +139,8 @@ def test_ctrl_c_leaves_no_file(tiny_folders, tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return original(self, *args)
 
-    original = DiffusersHost.predict_eps
-    monkeypatch.setattr(DiffusersHost, "predict_eps", interrupted)
+    original = DiffusersHost.predict
+    monkeypatch.setattr(DiffusersHost, "predict", interrupted)
     assert run_erase(tiny_folders["sd1"], tmp_path / "x.safetensors") == 130
     assert "nothing was written" in capsys.readouterr().err
     assert files_in(tmp_path) == []

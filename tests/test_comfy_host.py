@@ -87,8 +87,8 @@ def test_eps_predictions_match_diffusers(comfy_host, diffusers_host, timestep):
     x_t = torch.randn((1, 4, 8, 8), generator=generator)
     with torch.inference_mode(False):
         conds = [(torch.randn((1, 77, 768), generator=generator), None) for _ in range(3)]
-        ours = comfy_host.predict_eps(x_t, timestep, conds)
-        theirs = diffusers_host.predict_eps(x_t, timestep, conds)
+        ours = comfy_host.predict(x_t, timestep, conds)
+        theirs = diffusers_host.predict(x_t, timestep, conds)
     assert ours.shape == theirs.shape == (3, 4, 8, 8)
     assert ours.dtype == torch.float32
     assert comfy_env.relative_error(ours, theirs) < 1e-4
@@ -100,9 +100,9 @@ def test_eps_with_a_latent_and_timestep_per_row_matches_diffusers(comfy_host, di
     timesteps = torch.tensor([981, 1, 421])
     with torch.inference_mode(False):
         conds = [(torch.randn((1, 77, 768), generator=generator), None) for _ in range(3)]
-        ours = comfy_host.predict_eps(x_t, timesteps, conds)
-        theirs = diffusers_host.predict_eps(x_t, timesteps, conds)
-        one_row = comfy_host.predict_eps(x_t[1:2], 1, conds[1:2])
+        ours = comfy_host.predict(x_t, timesteps, conds)
+        theirs = diffusers_host.predict(x_t, timesteps, conds)
+        one_row = comfy_host.predict(x_t[1:2], 1, conds[1:2])
     assert comfy_env.relative_error(ours, theirs) < 1e-4
     assert comfy_env.relative_error(one_row[0], ours[1]) < 1e-5
 
@@ -128,10 +128,10 @@ def test_one_esd_step_has_the_same_gradients(comfy_host, diffusers_host, method)
                     tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(seed)) * 1e-3)
             with host.attach(delta):
                 with torch.no_grad(), delta.switched(False):
-                    e0, ec = host.predict_eps(x_t, timestep, [empty, concept])
+                    e0, ec = host.predict(x_t, timestep, [empty, concept])
                     target = esd.esd_target(e0, ec, ec, 1.0)
                 with delta.switched(True):
-                    prediction = host.predict_eps(x_t, timestep, [concept])[0]
+                    prediction = host.predict(x_t, timestep, [concept])[0]
                 loss = torch.nn.functional.mse_loss(prediction, target)
                 loss.backward()
             gradients.append({host.ldm_name(n): t.grad.detach().clone() for n, t in delta.full.items()})

@@ -139,7 +139,7 @@ def saved_for_backward(host, delta, x_t, conds, grad: bool) -> tuple[int, dict[s
 
     with torch.set_grad_enabled(grad):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), delta.switched(True):
-            prediction = host.predict_eps(x_t, 421, conds)
+            prediction = host.predict(x_t, 421, conds)
         if grad:
             prediction.square().mean().backward()
     return sum(saved), {name: tensor.grad for name, tensor in delta.full.items()}

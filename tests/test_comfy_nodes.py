@@ -283,7 +283,7 @@ def test_interrupt_stops_training_and_leaves_everything_as_it_was(env, loaded):
     model, clip = loaded
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     host_module = comfy_env.pack_module("nodes.comfy_host")
-    original_predict = host_module.ComfyErasureHost.predict_eps
+    original_predict = host_module.ComfyErasureHost.predict
     calls = []
 
     def counting_predict(self, *args, **kwargs):
@@ -292,7 +292,7 @@ def test_interrupt_stops_training_and_leaves_everything_as_it_was(env, loaded):
             threading.Thread(target=comfy.model_management.interrupt_current_processing, args=(True,)).start()
         return original_predict(self, *args, **kwargs)
 
-    host_module.ComfyErasureHost.predict_eps = counting_predict
+    host_module.ComfyErasureHost.predict = counting_predict
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
             env["node"]["ESDTrainErasure"].execute(
@@ -300,7 +300,7 @@ def test_interrupt_stops_training_and_leaves_everything_as_it_was(env, loaded):
                 negative_guidance=1.0, seed=2, resolution=64, options={"sample_steps": 4, "mode": "reference"},
             )
     finally:
-        host_module.ComfyErasureHost.predict_eps = original_predict
+        host_module.ComfyErasureHost.predict = original_predict
         comfy.model_management.interrupt_current_processing(False)
     assert len(calls) < 20, f"training went on for {len(calls)} UNet calls after the interrupt"
     import gc

@@ -117,14 +117,14 @@ def test_sdxl_eps_and_gradients_match_diffusers(hosts):
         assert comfy_conds[0][1].shape == (1, 6 * 256 + POOLED)  # y = [pooled, 6 size/crop embeddings]
         fake = FakeClip()
         diffusers_conds = [fake.encode_from_tokens(t) for t in ("a red car", "")]
-        assert comfy_env.relative_error(ours.predict_eps(x_t, timesteps, comfy_conds),
-                              theirs.predict_eps(x_t, timesteps, diffusers_conds)) < 1e-4
+        assert comfy_env.relative_error(ours.predict(x_t, timesteps, comfy_conds),
+                              theirs.predict(x_t, timesteps, diffusers_conds)) < 1e-4
 
         grads = []
         for host, conds in ((ours, comfy_conds), (theirs, diffusers_conds)):
             delta = trainable.TrainableDelta(methods.select_parameters(host.layer_tensors(), "esd-x"))
             with host.attach(delta), delta.switched(True):
-                prediction = host.predict_eps(x_t[:1], 101, conds[:1])
+                prediction = host.predict(x_t[:1], 101, conds[:1])
                 prediction.square().mean().backward()
             grads.append({host.ldm_name(n): t.grad for n, t in delta.full.items()})
     assert set(grads[0]) == set(grads[1]) and grads[0]

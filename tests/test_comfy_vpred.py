@@ -99,15 +99,15 @@ def test_vpred_eps_and_gradients_match_diffusers(hosts):
     timesteps = torch.tensor([1, 500, 999])
     with torch.inference_mode(False):
         conds = [ours.encode("a red car"), ours.encode(""), ours.encode("a red car")]
-        eps_ours = ours.predict_eps(x_t, timesteps, conds)
-        eps_theirs = theirs.predict_eps(x_t, timesteps, conds)
+        eps_ours = ours.predict(x_t, timesteps, conds)
+        eps_theirs = theirs.predict(x_t, timesteps, conds)
         assert comfy_env.relative_error(eps_ours, eps_theirs) < 1e-4
 
         grads = []
         for host in (ours, theirs):
             delta = trainable.TrainableDelta(methods.select_parameters(host.layer_tensors(), "esd-u"))
             with host.attach(delta), delta.switched(True):
-                host.predict_eps(x_t[1:2], 500, conds[:1]).square().mean().backward()
+                host.predict(x_t[1:2], 500, conds[:1]).square().mean().backward()
             grads.append({host.ldm_name(n): t.grad for n, t in delta.full.items()})
     assert set(grads[0]) == set(grads[1]) and len(grads[0]) > 20
     # A conv bias right before a GroupNorm with one channel per group (32 channels, 32 groups at this tiny

@@ -31,9 +31,9 @@ def unet_eps(pipeline, x_t, timestep, text):
 class RecordingHost(DiffusersHost):
     """Remembers the arguments of the last prediction (the trainable one, at the end of an iteration)."""
 
-    def predict_eps(self, x_t, timestep, conds):
+    def predict(self, x_t, timestep, conds):
         self.last_call = (x_t.detach().clone(), timestep)
-        return super().predict_eps(x_t, timestep, conds)
+        return super().predict(x_t, timestep, conds)
 
 
 @pytest.mark.parametrize("erase_from, sample_with", [("", "trained"), ("blue", "trained"), ("", "frozen")])
@@ -61,12 +61,12 @@ def test_untrained_tensors_and_frozen_predictions_stay_identical(tiny_folders):
     before = {name: t.detach().clone() for name, t in host.unet.state_dict().items()}
     x = torch.randn(1, 4, 8, 8)
     conds = [host.encode(""), host.encode("red")]
-    frozen_before = host.predict_eps(x, 500, conds)
+    frozen_before = host.predict(x, 500, conds)
     erasure = erase(host, quick_config(method="esd-x"))
     after = host.unet.state_dict()
     assert set(after) == set(before)
     assert all(torch.equal(after[name], before[name]) for name in before)
-    assert torch.equal(host.predict_eps(x, 500, conds), frozen_before)
+    assert torch.equal(host.predict(x, 500, conds), frozen_before)
     assert erasure.deltas and all("attn2" in name for name in erasure.deltas)
     assert all(delta.abs().max() > 0 for delta in erasure.deltas.values())
 
@@ -81,9 +81,9 @@ def test_one_step_at_lr_1e_5_changes_every_selected_tensor_in_bf16(tiny_folders)
     x, conds = torch.randn(1, 4, 8, 8), [host.encode("red")]
     with host.attach(trained), torch.no_grad():
         with trained.switched(False):
-            before = host.predict_eps(x, 500, conds)
+            before = host.predict(x, 500, conds)
         with trained.switched(True):
-            after = host.predict_eps(x, 500, conds)
+            after = host.predict(x, 500, conds)
     assert not torch.equal(before, after)
 
 
@@ -102,9 +102,9 @@ def test_saved_delta_reproduces_the_trained_model(tiny_folders, tmp_path, family
     trained = train_erasure(host, config)
     x = torch.randn(1, 4, 8, 8)
     conds = [host.encode("red"), host.encode("a blue cat")]
-    base = host.predict_eps(x, 400, conds)
+    base = host.predict(x, 400, conds)
     with host.attach(trained), trained.switched(True), torch.no_grad():
-        erased = host.predict_eps(x, 400, conds)
+        erased = host.predict(x, 400, conds)
     assert not torch.allclose(erased, base)
 
     path = tmp_path / "erasure.safetensors"
@@ -113,10 +113,10 @@ def test_saved_delta_reproduces_the_trained_model(tiny_folders, tmp_path, family
     loaded = ErasureDelta.load(str(path))
     assert loaded.metadata["concept"] == "red" and loaded.metadata["base_family"] == host.family
     with applied_delta(host.unet, loaded, 1.0):
-        assert torch.allclose(host.predict_eps(x, 400, conds), erased, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(host.predict(x, 400, conds), erased, rtol=1e-4, atol=1e-5)
     with applied_delta(host.unet, loaded, 0.0):
-        assert torch.equal(host.predict_eps(x, 400, conds), base)
-    assert torch.equal(host.predict_eps(x, 400, conds), base)
+        assert torch.equal(host.predict(x, 400, conds), base)
+    assert torch.equal(host.predict(x, 400, conds), base)
 
 
 def test_v_prediction_is_converted_to_epsilon(tiny_folders):
@@ -127,22 +127,22 @@ def test_v_prediction_is_converted_to_epsilon(tiny_folders):
         v = host.unet(x_t, 300, encoder_hidden_states=cond[0]).sample
     alpha = host.pipeline.scheduler.alphas_cumprod[300]
     # x_t = sqrt(a) x0 + sqrt(1-a) eps and v = sqrt(a) eps - sqrt(1-a) x0 give eps = sqrt(a) v + sqrt(1-a) x_t.
-    assert torch.allclose(host.predict_eps(x_t, 300, [cond]), alpha.sqrt() * v + (1 - alpha).sqrt() * x_t, atol=1e-6)
+    assert torch.allclose(host.predict(x_t, 300, [cond]), alpha.sqrt() * v + (1 - alpha).sqrt() * x_t, atol=1e-6)
 
 
 def test_sdxl_conditioning_uses_pooled_embeddings_and_time_ids(tiny_folders):
     host = host_for(tiny_folders["sdxl"])
     embeds, pooled = host.encode("red")
     assert embeds.shape[-1] == 64 and pooled.shape == (1, 32)
-    eps = host.predict_eps(torch.randn(1, 4, 8, 8), 500, [host.encode(""), (embeds, pooled)])
+    eps = host.predict(torch.randn(1, 4, 8, 8), 500, [host.encode(""), (embeds, pooled)])
     assert eps.shape == (2, 4, 8, 8) and torch.isfinite(eps).all()
 
 
 def test_reference_mode_draws_a_fresh_trajectory_per_update(tiny_folders):
     host = RecordingHost(load_pipeline(tiny_folders["sd1"]))
     calls = []
-    original = host.predict_eps
-    host.predict_eps = lambda x, t, conds: calls.append(len(conds)) or original(x, t, conds)
+    original = host.predict
+    host.predict = lambda x, t, conds: calls.append(len(conds)) or original(x, t, conds)
     train_erasure(host, quick_config(mode="reference", iterations=3, sample_steps=6))
     # per update: k guided passes of 2 rows, one frozen pass of 2 rows, one trainable pass of 1 row
     assert calls.count(1) == 3
@@ -155,8 +155,8 @@ def test_reference_mode_samples_one_updates_trajectories_together_each_to_its_ow
 
     host = host_for(tiny_folders["sd1"])
     calls = []
-    original = host.predict_eps
-    host.predict_eps = lambda x, t, conds: calls.append(len(conds)) or original(x, t, conds)
+    original = host.predict
+    host.predict = lambda x, t, conds: calls.append(len(conds)) or original(x, t, conds)
     config = quick_config(mode="reference", sample_steps=10, batch_size=4)
     run = TrainingRun(host, TrainableDelta({}), config, torch.Generator().manual_seed(0))
     examples = reference_examples(run, config.pairs, True)
@@ -226,8 +226,8 @@ def test_a_frozen_trajectorys_own_predictions_serve_as_its_targets(tiny_folders,
     (frozen,), (trained,) = run.trajectories([source], 5, False), run.trajectories([source], 5, True)
     texts_per_state = 2 if source else 1  # e('') and e(source); the empty prompt's target is e('') alone
     predicted_rows = []
-    predict_eps = host.predict_eps
-    monkeypatch.setattr(host, "predict_eps", lambda x_t, timestep, conds: predicted_rows.append(len(conds)) or predict_eps(x_t, timestep, conds))
+    predict = host.predict
+    monkeypatch.setattr(host, "predict", lambda x_t, timestep, conds: predicted_rows.append(len(conds)) or predict(x_t, timestep, conds))
 
     from_trajectory = run.targets(frozen, pair)
     assert predicted_rows == [texts_per_state]  # the last state's
@@ -265,10 +265,10 @@ def test_preservation_keeps_the_preserved_prediction_closer_to_the_original(tiny
         x_t = torch.cat([state.x_t for state in states])
         timesteps = torch.tensor([state.timestep for state in states])
         blue = [host.encode("blue")] * len(x_t)
-        original = host.predict_eps(x_t, timesteps, blue)
+        original = host.predict(x_t, timesteps, blue)
         delta = train_erasure(host, quick_config(iterations=40, lr=1e-3, sample_steps=8, **preservation))
         with host.attach(delta), delta.switched(True), torch.no_grad():
-            return (host.predict_eps(x_t, timesteps, blue) - original).norm().item()
+            return (host.predict(x_t, timesteps, blue) - original).norm().item()
 
     assert blue_change(preserve="blue", preserve_weight=10.0) < 0.75 * blue_change()  # measured: 0.59 vs 0.95
 
@@ -349,7 +349,7 @@ def test_adding_the_delta_to_the_weights_or_to_the_outputs_predicts_and_trains_a
 
     def predictions_and_gradients():
         with host.attach(delta), delta.switched(True):
-            eps = host.predict_eps(x, 500, conds)
+            eps = host.predict(x, 500, conds)
             eps.square().mean().backward()
         gradients = [tensor.grad for tensor in delta.parameters()]
         for tensor in delta.parameters():
@@ -361,7 +361,7 @@ def test_adding_the_delta_to_the_weights_or_to_the_outputs_predicts_and_trains_a
     monkeypatch.setattr(diffusers_host, "WEIGHT_DELTA_MAX_BYTES", 0)
     assert not host.adds_to_weights(delta)
     by_outputs, output_gradients = predictions_and_gradients()
-    assert not torch.allclose(by_weights, host.predict_eps(x, 500, conds), atol=1e-3)  # the delta is felt
+    assert not torch.allclose(by_weights, host.predict(x, 500, conds), atol=1e-3)  # the delta is felt
     assert torch.allclose(by_weights, by_outputs, atol=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(weight_gradients, output_gradients))
 
@@ -390,7 +390,7 @@ def test_a_cpu_host_runs_a_large_unets_feed_forwards_row_by_row_with_the_same_pr
         feed_forwards = [module for name, module in host.unet.named_modules() if name.endswith(".ff")]
         handles = [ff.register_forward_hook(lambda module, inputs, output: rows_seen.append(inputs[0].shape[0])) for ff in feed_forwards]
         with torch.no_grad():
-            eps = host.predict_eps(x_t, 500, [host.encode("red")] * 3)
+            eps = host.predict(x_t, 500, [host.encode("red")] * 3)
         for handle in handles:
             handle.remove()
         assert feed_forwards and len(rows_seen) % len(feed_forwards) == 0
@@ -434,7 +434,7 @@ def losses_one_example_at_a_time(run, state, pairs):
 def prediction(host, delta, state, text, trained: bool):
     """The trained or the frozen model's epsilon for ``text`` at ``state``."""
     with delta.switched(trained), torch.no_grad():
-        return host.predict_eps(state.x_t, torch.tensor([state.timestep]), [host.encode(text)])
+        return host.predict(state.x_t, torch.tensor([state.timestep]), [host.encode(text)])
 
 
 def test_a_guided_preservation_compares_what_a_sampler_at_that_guidance_draws(tiny_folders):

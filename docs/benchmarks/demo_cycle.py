@@ -27,8 +27,8 @@ from esd_core import cli
 
 
 def trajectory_without_predictions(*args, keep_predictions: bool = False, **kwargs):
-    """``ddim_trajectory`` that never keeps its predictions, so the targets predict them again."""
-    return sampling.ddim_trajectory(*args, **kwargs)
+    """``guided_trajectory`` that never keeps its predictions, so the targets predict them again."""
+    return sampling.guided_trajectory(*args, **kwargs)
 
 
 # What each variant changes: (module, name, value) to patch while it runs, or None.
@@ -36,7 +36,7 @@ VARIANTS = {
     "shipped": None,
     "outputs": (diffusers_host, "WEIGHT_DELTA_MAX_BYTES", 0),
     "row-wise": (diffusers_host, "WHOLE_FEED_FORWARD_MAX_BYTES", 0),
-    "predicted-targets": (esd, "ddim_trajectory", trajectory_without_predictions),
+    "predicted-targets": (esd, "guided_trajectory", trajectory_without_predictions),
 }
 
 
