@@ -1,14 +1,16 @@
-"""The diffusers host: runs the ESD loop on a diffusers Stable Diffusion pipeline (SD1.x, SD2.x, SDXL)."""
+"""The diffusers hosts: what they share, the Stable Diffusion host (SD1.x, SD2.x, SDXL), and model loading.
+(The flow-matching host, for Flux.1 and SD3.x, is in ``flow_host``.)"""
 
 import copy
 import json
 import math
 import os
 import warnings
+from abc import abstractmethod
 from contextlib import contextmanager
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from torch.nn.utils import parametrize
 
 from .apply import unet_family
@@ -16,6 +18,9 @@ from .host import ErasureHost
 from .keys import UnetLayout, diffusers_to_ldm_names
 from .methods import layer_tensors
 from .trainable import TrainableDelta
+
+# The text components a pipeline may have, as (tokenizer, encoder) attribute names.
+TOKENIZERS_AND_ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -28,56 +33,42 @@ WEIGHT_DELTA_MAX_BYTES = 64 * 2**20
 WHOLE_FEED_FORWARD_MAX_BYTES = 64 * 2**20
 
 
-class DiffusersHost(ErasureHost):
-    """One diffusers pipeline's UNet and text encoders; the VAE is not needed for erasing."""
+class PipelineHost(ErasureHost):
+    """What the diffusers hosts share: one pipeline's denoiser (``self.denoiser``) and text encoders, frozen on
+    the device, the delta attached to the denoiser's layers, prompts checked and encoded. The VAE is not needed."""
 
-    def __init__(self, pipeline: DiffusionPipeline, device="cpu", resolution: int | None = None, gradient_checkpointing: bool = False):
+    def __init__(self, pipeline: DiffusionPipeline, denoiser: torch.nn.Module, device, gradient_checkpointing: bool):
         self.pipeline = pipeline
         self.device = torch.device(device)
-        self.unet = pipeline.unet.to(self.device).requires_grad_(False)
+        self.denoiser = denoiser.to(self.device).requires_grad_(False)
         if gradient_checkpointing:  # recompute block activations in backward: less memory, ~30% more time per update
-            self.unet.enable_gradient_checkpointing()
-        if feed_forwards_row_wise(self.unet, self.device, gradient_checkpointing):
-            _feed_forward_one_row_at_a_time(self.unet)
+            self.denoiser.enable_gradient_checkpointing()
         for encoder in self._text_encoders():
             encoder.to(self.device).requires_grad_(False)
-        self.dtype = self.unet.dtype
+        self.dtype = self.denoiser.dtype
         self.vae_scale_factor = pipeline.vae_scale_factor
-        if resolution is not None and (resolution <= 0 or resolution % self.vae_scale_factor):
-            raise ValueError(f"The resolution must be a positive multiple of {self.vae_scale_factor} pixels, got {resolution}; "
-                             "leave it out for the UNet's native size.")
-        latent_size = resolution // self.vae_scale_factor if resolution else self.unet.config.sample_size
-        self.latent_shape = (self.unet.config.in_channels, latent_size, latent_size)
-        config = self.unet.config
-        self.is_sdxl = config.addition_embed_type == "text_time"
-        self.family = unet_family(self.unet)
-        self.prediction_type = pipeline.scheduler.config.prediction_type
-        self.prediction = "v" if self.prediction_type == "v_prediction" else "epsilon"
-        self._alphas_cumprod = _alphas_cumprod(pipeline.scheduler).to(self.device)
-        self._ldm_names = diffusers_to_ldm_names(self.unet.state_dict().keys(), dict(config))
+
+    def latent_size(self, resolution: int | None, multiple: int, native: int) -> int:
+        """The latent side for ``resolution`` pixels (``native`` latents when None), which must be a multiple of ``multiple``."""
+        if resolution is not None and (resolution <= 0 or resolution % multiple):
+            raise ValueError(f"The resolution must be a positive multiple of {multiple} pixels, got {resolution}; "
+                             "leave it out for the model's native size.")
+        return resolution // self.vae_scale_factor if resolution else native
 
     def _text_encoders(self):
-        return [e for e in (getattr(self.pipeline, "text_encoder", None), getattr(self.pipeline, "text_encoder_2", None)) if e is not None]
+        return [e for _, name in TOKENIZERS_AND_ENCODERS if (e := getattr(self.pipeline, name, None)) is not None]
 
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self._alphas_cumprod
+    def _tokenizers(self):
+        return [t for name, _ in TOKENIZERS_AND_ENCODERS if (t := getattr(self.pipeline, name, None)) is not None]
 
     def layer_tensors(self) -> dict[str, torch.Tensor]:
-        return layer_tensors(self.unet)
-
-    def ldm_name(self, name: str) -> str:
-        return self._ldm_names[name]
-
-    @property
-    def layout(self) -> UnetLayout:
-        return UnetLayout(self._ldm_names)
+        return layer_tensors(self.denoiser)
 
     @contextmanager
     def attach(self, delta: TrainableDelta):
         """While the delta is on, each selected layer answers as if its weight were ``weight + delta``: added to the
-        weight on its way into the layer for a small fp32 UNet (``adds_to_weights``), else added to its output."""
-        with (_added_to_weights if self.adds_to_weights(delta) else _added_to_outputs)(self.unet, delta):
+        weight on its way into the layer for a small fp32 model (``adds_to_weights``), else added to its output."""
+        with (_added_to_weights if self.adds_to_weights(delta) else _added_to_outputs)(self.denoiser, delta):
             yield
 
     def adds_to_weights(self, delta: TrainableDelta) -> bool:
@@ -90,10 +81,43 @@ class DiffusersHost(ErasureHost):
 
     @torch.no_grad()
     def encode(self, text: str):
-        tokenizers = [t for t in (getattr(self.pipeline, "tokenizer", None), getattr(self.pipeline, "tokenizer_2", None)) if t]
-        check_known_words(text, tokenizers)
-        warn_if_truncated(text, tokenizers)
+        check_known_words(text, self._tokenizers())
+        warn_if_truncated(text, self._tokenizers())
         return self._encode_prompt(text)
+
+    @abstractmethod
+    def _encode_prompt(self, text: str):
+        """The pipeline's own encoding of one prompt: the conditioning tuple ``predict`` takes."""
+
+
+class DiffusersHost(PipelineHost):
+    """One diffusers Stable Diffusion pipeline (SD1.x, SD2.x, SDXL): its UNet and text encoders."""
+
+    def __init__(self, pipeline: DiffusionPipeline, device="cpu", resolution: int | None = None, gradient_checkpointing: bool = False):
+        super().__init__(pipeline, pipeline.unet, device, gradient_checkpointing)
+        self.unet = self.denoiser
+        if feed_forwards_row_wise(self.unet, self.device, gradient_checkpointing):
+            _feed_forward_one_row_at_a_time(self.unet)
+        latent_size = self.latent_size(resolution, self.vae_scale_factor, self.unet.config.sample_size)
+        self.latent_shape = (self.unet.config.in_channels, latent_size, latent_size)
+        config = self.unet.config
+        self.is_sdxl = config.addition_embed_type == "text_time"
+        self.family = unet_family(self.unet)
+        self.prediction_type = pipeline.scheduler.config.prediction_type
+        self.prediction = "v" if self.prediction_type == "v_prediction" else "epsilon"
+        self._alphas_cumprod = _alphas_cumprod(pipeline.scheduler).to(self.device)
+        self._ldm_names = diffusers_to_ldm_names(self.unet.state_dict().keys(), dict(config))
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+    def ldm_name(self, name: str) -> str:
+        return self._ldm_names[name]
+
+    @property
+    def layout(self) -> UnetLayout:
+        return UnetLayout(self._ldm_names)
 
     def token_tables(self) -> list[torch.Tensor]:
         return [encoder.get_input_embeddings().weight for encoder in self._text_encoders()]
@@ -133,7 +157,6 @@ class DiffusersHost(ErasureHost):
         return output
 
 
-TOKENIZERS_AND_ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
 @contextmanager
@@ -310,7 +333,20 @@ def load_pipeline(path: str, config: str | None = None, dtype: torch.dtype = tor
 
 
 def _pipeline_class(folder: str):
-    """SD or SDXL pipeline class, as named in a diffusers folder's model_index.json."""
+    """The pipeline class a diffusers folder's model_index.json names (SD, SDXL, Flux or SD3), SD for any other."""
     with open(os.path.join(folder, "model_index.json")) as handle:
         name = json.load(handle).get("_class_name", "")
-    return StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline
+    known = {"StableDiffusionXLPipeline": StableDiffusionXLPipeline, "FluxPipeline": FluxPipeline,
+             "StableDiffusion3Pipeline": StableDiffusion3Pipeline}
+    return known.get(name, StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline)
+
+
+def host_for(pipeline: DiffusionPipeline, device="cpu", resolution: int | None = None, gradient_checkpointing: bool = False,
+             guidance: float = 3.5) -> PipelineHost:
+    """The host for a loaded pipeline: the flow-matching host for one with a transformer (Flux.1, SD3.x; ``guidance``
+    is Flux.1-dev's distilled guidance), the Stable Diffusion host for one with a UNet."""
+    if getattr(pipeline, "transformer", None) is not None:
+        from .flow_host import FlowDiffusersHost  # it builds on this module
+
+        return FlowDiffusersHost(pipeline, device, resolution, gradient_checkpointing, guidance)
+    return DiffusersHost(pipeline, device, resolution, gradient_checkpointing)

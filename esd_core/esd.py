@@ -296,7 +296,7 @@ def run_updates(run: TrainingRun, optimizer: torch.optim.Optimizer, progress: Pr
 def train_erasure(host: ErasureHost, config: EraseConfig, progress: ProgressCallback | None = None) -> TrainableDelta:
     """Train the delta that erases ``config.concept`` from the host's UNet; the UNet itself is left untouched."""
     generator = torch.Generator().manual_seed(config.seed)
-    delta = TrainableDelta(select_parameters(host.layer_tensors(), config.method), config.rank, generator)
+    delta = TrainableDelta(select_parameters(host.layer_tensors(), config.method, host.architecture), config.rank, generator)
     optimizer = torch.optim.Adam(delta.parameters(), lr=config.lr, foreach=False)  # no per-step copies of the state
     with host.attach(delta):
         run_updates(TrainingRun(host, delta, config, generator), optimizer, progress)

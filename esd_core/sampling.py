@@ -70,7 +70,7 @@ def guided_trajectory(
     scheduler = copy.deepcopy(scheduler)  # a flow-matching scheduler counts its steps; each trajectory starts afresh
     rows = len(conds)
     noise = torch.randn((rows, *host.latent_shape), generator=generator, dtype=torch.float32)
-    x = noise.to(host.device) * scheduler.init_noise_sigma
+    x = noise.to(host.device) * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at pure noise
     states = []
     for step in range(steps):
         timestep = scheduler.timesteps[step].item()

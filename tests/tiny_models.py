@@ -1,4 +1,5 @@
-"""Tiny random-weight Stable Diffusion pipelines (SD1-, SD2- and SDXL-shaped) for tests; seconds to build."""
+"""Tiny random-weight pipelines for tests, seconds to build: Stable Diffusion (SD1-, SD2- and SDXL-shaped) and
+flow-matching transformers (Flux.1-dev-, Flux.1-schnell- and SD3-shaped)."""
 
 import json
 import os
@@ -8,13 +9,19 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+FLOW_KINDS = ("flux-dev", "flux-schnell", "sd3")
 
 
 def tiny_tokenizer(folder: str, max_length: int = 16) -> CLIPTokenizer:
@@ -78,6 +85,41 @@ def tiny_pipeline(family: str, folder: str, seed: int = 0):
             vae=vae, unet=unet, scheduler=scheduler, tokenizer=tokenizer,
             text_encoder=CLIPTextModel(_text_config(tokenizer, 32)),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipeline.save_pretrained(folder)
+    return pipeline
+
+
+def tiny_flow_pipeline(kind: str, folder: str, seed: int = 0):
+    """A tiny Flux.1-dev-, Flux.1-schnell- or SD3-shaped pipeline with random weights, saved to ``folder``. The T5
+    encoder reads the character-level tokenizer's ids (its own tokenizer needs files we cannot make here)."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(os.path.join(folder, "_tokenizer_files"))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                 pad_token_id=1, eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=8, sample_size=16, shift_factor=0.1, scaling_factor=1.5,
+    )
+    if kind.startswith("flux"):
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, shift=3.0)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=kind == "flux-dev", axes_dims_rope=(2, 2, 4),
+        )
+        pipeline = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_text_config(tokenizer, 32)),
+                                tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=16,
+        )
+        pipeline = StableDiffusion3Pipeline(
+            scheduler=scheduler, vae=vae, transformer=transformer,
+            text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, 16)), tokenizer=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, 16)), tokenizer_2=tokenizer,
+            text_encoder_3=t5, tokenizer_3=tokenizer,
         )
     pipeline.save_pretrained(folder)
     return pipeline

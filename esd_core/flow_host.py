@@ -1,0 +1,127 @@
+"""The diffusers host for flow-matching transformers: Flux.1 (dev, schnell) and SD3.x pipelines.
+
+These models predict a velocity v = noise - x0 along the straight path x_sigma = (1 - sigma) x0 + sigma noise, and
+a sampler steps with Euler on a shifted sigma schedule. ESD's target is the paper's negative guidance taken in that
+velocity space, at the exact sigma of x_t: guidance combines velocities as it combines epsilons (both are affine in
+the score at a fixed x_t and sigma), so ``v0 - eta (vc - v0)`` is the model's own guided prediction with scale -eta.
+
+How each model is guided, as its pipeline samples it: SD3.x with true classifier-free guidance (the empty prompt as
+the unconditional input); Flux.1-dev with its distilled guidance, an input of the model, fixed for every prediction
+(sampling and targets alike; its "unconditional" prediction is the empty prompt at the same guidance); Flux.1-schnell
+with none. Latents are kept unpacked, (channels, height, width), as the VAE sees them; Flux's 2x2 packing into
+tokens happens inside ``predict``.
+"""
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from torch.nn.utils import parametrize
+
+from .diffusers_host import PipelineHost
+from .keys import UnetLayout
+
+
+def transformer_family(transformer) -> str:
+    """The base-model family of a Flux or SD3 transformer, from its config: "flux-dev", "flux-schnell", "sd3", or
+    "custom-..." for another size of the same architecture (a tiny test model)."""
+    config = transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    if isinstance(transformer, FluxTransformer2DModel):
+        kind = "flux-dev" if config.guidance_embeds else "flux-schnell"
+        return kind if (width, config.joint_attention_dim) == (3072, 4096) else f"custom-{kind}(width={width})"
+    return "sd3" if config.joint_attention_dim == 4096 and config.patch_size == 2 else f"custom-sd3(width={width})"
+
+
+class FlowDiffusersHost(PipelineHost):
+    """One diffusers Flux.1 or SD3.x pipeline: its transformer and text encoders. ``guidance`` is Flux.1-dev's
+    distilled guidance, used for every prediction; other models take their guidance from the sampler."""
+
+    architecture = "mmdit"
+    prediction = "flow"
+
+    def __init__(self, pipeline: DiffusionPipeline, device="cpu", resolution: int | None = None,
+                 gradient_checkpointing: bool = False, guidance: float = 3.5):
+        super().__init__(pipeline, pipeline.transformer, device, gradient_checkpointing)
+        self.transformer = self.denoiser
+        config = self.transformer.config
+        self.is_flux = isinstance(self.transformer, FluxTransformer2DModel)
+        self.family = transformer_family(self.transformer)
+        self.distilled_guidance = guidance if self.is_flux and config.guidance_embeds else None
+        if self.is_flux:  # 2x2 latent patches become tokens; the pipeline's default is 1024 px (128 latents)
+            channels, multiple, native = config.in_channels // 4, 2 * self.vae_scale_factor, pipeline.default_sample_size
+        else:
+            channels, multiple, native = config.in_channels, config.patch_size * self.vae_scale_factor, config.sample_size
+        latent_size = self.latent_size(resolution, multiple, native)
+        self.latent_shape = (channels, latent_size, latent_size)
+        # The T5 prompt length each pipeline uses by default (Flux.1-dev 512, schnell and SD3 256), at most the tokenizer's.
+        self.max_sequence_length = min(512 if self.distilled_guidance is not None else 256, self._tokenizers()[-1].model_max_length)
+        self.scheduler_config = pipeline.scheduler.config
+        if pipeline.scheduler.__class__.__name__ != "FlowMatchEulerDiscreteScheduler":
+            raise ValueError(f"The pipeline's scheduler is {type(pipeline.scheduler).__name__}; a flow-matching model needs its "
+                             "FlowMatchEulerDiscreteScheduler config (scheduler/scheduler_config.json of the model folder).")
+        # The names erasure files use: the diffusers ones, which ComfyUI's loader maps onto its own layout.
+        self._names = {name: name for name in self.layer_tensors()}
+
+    def ldm_name(self, name: str) -> str:
+        return name
+
+    @property
+    def layout(self) -> UnetLayout:
+        return UnetLayout(self._names)
+
+    def sampling_scheduler(self, steps: int) -> FlowMatchEulerDiscreteScheduler:
+        """Euler on the model's own sigma schedule, set as its pipeline sets it: Flux's resolution-dependent shift
+        (sigmas 1 .. 1/steps, shifted by mu from the token count), SD3's fixed shift."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        if scheduler.config.use_dynamic_shifting:
+            tokens = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
+            mu = calculate_shift(tokens, scheduler.config.base_image_seq_len, scheduler.config.max_image_seq_len,
+                                 scheduler.config.base_shift, scheduler.config.max_shift)
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=self.device)
+        else:
+            scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    def sampler_prediction(self, unconditional: torch.Tensor, conditional: torch.Tensor, guidance: float) -> torch.Tensor:
+        """SD3.x: classifier-free guidance. Flux.1: the conditional prediction, whose guidance (if any) is an input."""
+        return conditional if self.is_flux else super().sampler_prediction(unconditional, conditional, guidance)
+
+    def _encode_prompt(self, text: str):
+        """The pipeline's own encoding: (sequence embeddings, pooled embedding)."""
+        if self.is_flux:
+            embeds, pooled, _ = self.pipeline.encode_prompt(text, text, self.device, max_sequence_length=self.max_sequence_length)
+        else:
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(text, text, text, device=self.device, do_classifier_free_guidance=False,
+                                                               max_sequence_length=self.max_sequence_length)
+        return embeds, pooled
+
+    def predict(self, x_t: torch.Tensor, timestep, conds: list) -> torch.Tensor:
+        """The velocity, fp32, (len(conds), C, H, W); ``timestep`` is sigma * 1000, as the scheduler counts."""
+        batch = len(conds)
+        sample = x_t.to(self.device, self.dtype).expand(batch, -1, -1, -1)
+        timesteps = torch.as_tensor(timestep, device=self.device, dtype=torch.float32).expand(batch)
+        embeds = torch.cat([embeds for embeds, _ in conds]).to(self.dtype)
+        pooled = torch.cat([pooled for _, pooled in conds]).to(self.dtype)
+        with parametrize.cached():  # a weight the delta is added to is computed once per pass, not at every read
+            if self.is_flux:
+                output = self._predict_flux(sample, timesteps, embeds, pooled)
+            else:
+                output = self.transformer(hidden_states=sample, timestep=timesteps.to(self.dtype), encoder_hidden_states=embeds,
+                                          pooled_projections=pooled, return_dict=False)[0]
+        return output.float()
+
+    def _predict_flux(self, sample, timesteps, embeds, pooled) -> torch.Tensor:
+        """Flux takes 2x2 latent patches as tokens with their positions, sigma itself as the timestep, and (dev) the guidance."""
+        batch, channels, height, width = sample.shape
+        tokens = FluxPipeline._pack_latents(sample, batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, self.device, self.dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        guidance = None
+        if self.distilled_guidance is not None:
+            guidance = torch.full((batch,), self.distilled_guidance, device=self.device, dtype=self.dtype)
+        output = self.transformer(hidden_states=tokens, timestep=(timesteps / 1000).to(self.dtype), guidance=guidance,
+                                  pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=image_ids,
+                                  return_dict=False)[0]
+        pixels = self.vae_scale_factor
+        return FluxPipeline._unpack_latents(output, height * pixels, width * pixels, pixels)
