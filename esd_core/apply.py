@@ -1,35 +1,58 @@
-"""Applying an erasure (a delta or a LoRA) to a diffusers UNet: temporarily (restored bit-exactly) or for good."""
+"""Applying an erasure (a delta or a LoRA) to a diffusers denoiser (a UNet, or a Flux/SD3 transformer): temporarily
+(restored bit-exactly) or for good."""
 
 from contextlib import contextmanager
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
 from .erasure_file import ErasureDelta, model_family
-from .keys import UnetLayout, diffusers_to_ldm_names
+from .keys import TransformerLayout, UnetLayout
 
 
 def unet_family(unet: UNet2DConditionModel) -> str:
     return model_family(unet.config.cross_attention_dim, unet.config.addition_embed_type == "text_time")
 
 
-def unet_layout(unet: UNet2DConditionModel) -> UnetLayout:
-    """The UNet's layer names in both spellings, to read LoRA files for it."""
-    return UnetLayout.of_unet(unet.state_dict().keys(), dict(unet.config))
+def transformer_family(transformer) -> str:
+    """The base-model family of a Flux or SD3 transformer, from its config: "flux-dev", "flux-schnell", "sd3", or
+    "custom-..." for another size of the same architecture (a tiny test model)."""
+    config = transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    if isinstance(transformer, FluxTransformer2DModel):
+        kind = "flux-dev" if config.guidance_embeds else "flux-schnell"
+        return kind if (width, config.joint_attention_dim) == (3072, 4096) else f"custom-{kind}(width={width})"
+    return "sd3" if config.joint_attention_dim == 4096 and config.patch_size == 2 else f"custom-sd3(width={width})"
+
+
+def denoiser_of(pipeline):
+    """A pipeline's denoiser: its UNet (Stable Diffusion) or its transformer (Flux.1, SD3.x)."""
+    return pipeline.unet if getattr(pipeline, "unet", None) is not None else pipeline.transformer
+
+
+def denoiser_family(denoiser) -> str:
+    return unet_family(denoiser) if isinstance(denoiser, UNet2DConditionModel) else transformer_family(denoiser)
+
+
+def unet_layout(denoiser) -> UnetLayout:
+    """The denoiser's layer names in the spellings files use, to read LoRA files for it."""
+    if isinstance(denoiser, UNet2DConditionModel):
+        return UnetLayout.of_unet(denoiser.state_dict().keys(), dict(denoiser.config))
+    return TransformerLayout(denoiser.state_dict().keys())
 
 
 def load_for(unet: UNet2DConditionModel, path: str) -> ErasureDelta:
-    """Read an erasure file of either format for this UNet, refusing one made for another model."""
-    delta = ErasureDelta.load(path, unet_layout(unet), unet_family(unet))
+    """Read an erasure file of either format for this denoiser, refusing one made for another model."""
+    delta = ErasureDelta.load(path, unet_layout(unet), denoiser_family(unet))
     check_fits(unet, delta)
     return delta
 
 
 def _targets(unet: UNet2DConditionModel, delta: ErasureDelta) -> dict[str, torch.Tensor]:
-    """The UNet parameters the delta changes, by ldm name, after refusing an incompatible delta."""
+    """The denoiser's parameters the delta changes, by the names files use, after refusing an incompatible delta."""
     parameters = dict(unet.named_parameters())
-    by_ldm_name = {ldm: parameters[name] for name, ldm in diffusers_to_ldm_names(unet.state_dict().keys(), dict(unet.config)).items() if name in parameters}
-    delta.check_compatible(by_ldm_name, unet_family(unet))
+    by_ldm_name = {ldm: parameters[name] for name, ldm in unet_layout(unet).ldm_of.items() if name in parameters}
+    delta.check_compatible(by_ldm_name, denoiser_family(unet))
     return {name: by_ldm_name[name] for name in delta.deltas}
 
 

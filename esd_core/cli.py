@@ -231,12 +231,12 @@ def erase_config(args, concept: str, method: str) -> EraseConfig:
 def train_with_progress(args, config: EraseConfig, chosen: dict) -> ErasureDelta:
     """Load the model and run the erasure with a tqdm bar showing the running loss; ``chosen`` (from ``settings``)
     gives the host's resolution and gradient checkpointing."""
-    from .diffusers_host import DiffusersHost, load_pipeline
+    from .diffusers_host import host_for, load_pipeline
     from .esd import erase
 
     device = pick_device(args.device)
     pipeline = load_pipeline(model_path(args), args.config, pick_dtype(args.dtype, device), with_vae=False)
-    host = DiffusersHost(pipeline, device, chosen["resolution"] or None, chosen["gradient_checkpointing"])
+    host = host_for(pipeline, device, chosen["resolution"] or None, chosen["gradient_checkpointing"], guidance=chosen["sample_guidance"])
     with tqdm(total=config.iterations, desc=f"erasing {textwrap.shorten(config.concept, 40, placeholder='...')!r}", unit="it") as bar:
         def progress(iteration: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4g}")
@@ -259,7 +259,7 @@ def save_as_chosen(erasure: ErasureDelta, path: str, chosen: dict) -> str:
 
 
 def run_apply(args) -> None:
-    from .apply import apply_delta, load_for
+    from .apply import apply_delta, denoiser_of, load_for
     from .diffusers_host import load_pipeline
 
     single_file = args.out.lower().endswith(".safetensors")
@@ -269,12 +269,13 @@ def run_apply(args) -> None:
         check_new_folder(args.out, "--out")
     device = pick_device(args.device)
     pipeline = load_pipeline(model_path(args), args.config, pick_dtype(args.dtype, device))
-    delta = load_for(pipeline.unet, args.delta)
-    apply_delta(pipeline.unet, delta, args.strength)
+    denoiser = denoiser_of(pipeline)
+    delta = load_for(denoiser, args.delta)
+    apply_delta(denoiser, delta, args.strength)
     if single_file:
         from safetensors.torch import save_file
 
-        state = {name: tensor.contiguous() for name, tensor in pipeline.unet.state_dict().items()}
+        state = {name: tensor.contiguous() for name, tensor in denoiser.state_dict().items()}
         write_atomically(args.out, lambda temp: save_file(state, temp, metadata={"erasure": delta.describe(), "strength": str(args.strength)}))
     else:
         parent, name = os.path.split(os.path.abspath(args.out.rstrip(os.sep)))
@@ -306,14 +307,14 @@ def run_export(args) -> None:
 def file_layout(args) -> UnetLayout:
     """The layer names of the model an erasure file is for: ``--model``'s, else those of the family its header
     names, else the shipped tiny world's."""
-    from .apply import unet_layout
+    from .apply import denoiser_of, unet_layout
     from .diffusers_host import load_pipeline
 
     metadata, _ = read_safetensors(args.delta, with_tensors=False)
     family = family_from_metadata(metadata)
     if args.model is None and family in BUILT_IN_FAMILIES:
         return UnetLayout.of_family(family)
-    return unet_layout(load_pipeline(model_path(args), args.config, with_vae=False).unet)
+    return unet_layout(denoiser_of(load_pipeline(model_path(args), args.config, with_vae=False)))
 
 
 def run_eval(args) -> dict:

@@ -2,7 +2,8 @@
 says what it is; and its exact file format.
 
 The delta format's keys are ``diffusion_model.<ldm module path>.diff`` (a weight's delta) and ``...diff_b`` (a
-bias's delta): the layout ComfyUI's stock LoRA loader applies. ``ErasureDelta.load`` also reads LoRA files
+bias's delta): the layout ComfyUI's stock LoRA loader applies. Flux and SD3 erasures use ``transformer.<diffusers
+module path>`` instead, which that loader maps onto its fused attention layers. ``ErasureDelta.load`` also reads LoRA files
 (``lora_format`` writes them): kohya's ``lora_unet_*`` keys, PEFT's ``lora_A``/``lora_B``, ComfyUI's own.
 """
 
@@ -23,6 +24,7 @@ from .keys import UnetLayout
 FORMAT_NAME = "esd-erasure-delta"
 FORMAT_VERSION = "1"
 KEY_PREFIX = "diffusion_model."
+TRANSFORMER_KEY_PREFIX = "transformer."
 _SUFFIXES = {"weight": ".diff", "bias": ".diff_b"}
 
 # What each key ending of a LoRA-style file holds (kohya's lora_up/lora_down and PEFT's lora_B/lora_A are the two
@@ -82,12 +84,23 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def file_key(ldm_name: str) -> str:
+def is_transformer_family(family: str) -> bool:
+    """Whether a base-model family is a flow-matching transformer (Flux.1, SD3.x), whose files use diffusers names."""
+    return "flux" in family or "sd3" in family
+
+
+def key_prefix(family: str) -> str:
+    """What precedes a layer's name in a delta file: ``diffusion_model.`` and ldm names for UNets (ComfyUI's own
+    layout), ``transformer.`` and diffusers names for Flux and SD3 (which ComfyUI's loader maps onto its layout)."""
+    return TRANSFORMER_KEY_PREFIX if is_transformer_family(family) else KEY_PREFIX
+
+
+def file_key(ldm_name: str, prefix: str = KEY_PREFIX) -> str:
     """``input_blocks.1.1...to_k.weight`` -> ``diffusion_model.input_blocks.1.1...to_k.diff``."""
     module, kind = ldm_name.rsplit(".", 1)
     if kind not in _SUFFIXES:
         raise ValueError(f"Only weights and biases can carry a delta, not {ldm_name!r}.")
-    return f"{KEY_PREFIX}{module}{_SUFFIXES[kind]}"
+    return f"{prefix}{module}{_SUFFIXES[kind]}"
 
 
 @dataclass
@@ -130,7 +143,7 @@ class ErasureDelta:
     def save(self, path: str, dtype: torch.dtype = torch.float16) -> None:
         """Write the exact delta format, atomically (temp file in the same folder, then rename); low-rank deltas are
         written multiplied out, so a delta file is as large as the tensors it changes."""
-        tensors = {file_key(name): self.full(name).to(dtype).contiguous() for name in self.deltas}
+        tensors = {file_key(name, key_prefix(self.family)): self.full(name).to(dtype).contiguous() for name in self.deltas}
         metadata = {**self.metadata, "format": FORMAT_NAME, "format_version": FORMAT_VERSION}
         write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
 
@@ -176,7 +189,7 @@ def read_entries(tensors: dict[str, torch.Tensor], layout: UnetLayout | None) ->
                          f"{unmatched[0]!r}): it was made for another kind of model.")
     deltas = {}
     for module, entry in entries.items():
-        name = modules.get(module) or module.removeprefix(KEY_PREFIX)
+        name = modules.get(module) or module.removeprefix(KEY_PREFIX).removeprefix(TRANSFORMER_KEY_PREFIX)
         if "up" in entry or "down" in entry:
             deltas[f"{name}.weight"] = _low_rank(module, entry)
         elif "weight" in entry:

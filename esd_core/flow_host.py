@@ -18,19 +18,9 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPi
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch.nn.utils import parametrize
 
+from .apply import transformer_family
 from .diffusers_host import PipelineHost
-from .keys import UnetLayout
-
-
-def transformer_family(transformer) -> str:
-    """The base-model family of a Flux or SD3 transformer, from its config: "flux-dev", "flux-schnell", "sd3", or
-    "custom-..." for another size of the same architecture (a tiny test model)."""
-    config = transformer.config
-    width = config.num_attention_heads * config.attention_head_dim
-    if isinstance(transformer, FluxTransformer2DModel):
-        kind = "flux-dev" if config.guidance_embeds else "flux-schnell"
-        return kind if (width, config.joint_attention_dim) == (3072, 4096) else f"custom-{kind}(width={width})"
-    return "sd3" if config.joint_attention_dim == 4096 and config.patch_size == 2 else f"custom-sd3(width={width})"
+from .keys import TransformerLayout
 
 
 class FlowDiffusersHost(PipelineHost):
@@ -60,15 +50,13 @@ class FlowDiffusersHost(PipelineHost):
         if pipeline.scheduler.__class__.__name__ != "FlowMatchEulerDiscreteScheduler":
             raise ValueError(f"The pipeline's scheduler is {type(pipeline.scheduler).__name__}; a flow-matching model needs its "
                              "FlowMatchEulerDiscreteScheduler config (scheduler/scheduler_config.json of the model folder).")
-        # The names erasure files use: the diffusers ones, which ComfyUI's loader maps onto its own layout.
-        self._names = {name: name for name in self.layer_tensors()}
 
     def ldm_name(self, name: str) -> str:
-        return name
+        return name  # erasure files name a transformer's layers as diffusers does (``TransformerLayout``)
 
     @property
-    def layout(self) -> UnetLayout:
-        return UnetLayout(self._names)
+    def layout(self) -> TransformerLayout:
+        return TransformerLayout(self.layer_tensors())
 
     def sampling_scheduler(self, steps: int) -> FlowMatchEulerDiscreteScheduler:
         """Euler on the model's own sigma schedule, set as its pipeline sets it: Flux's resolution-dependent shift

@@ -1,12 +1,14 @@
 """Writing an erasure as a LoRA file: the format A1111, Forge, ComfyUI, kohya's tools and diffusers all load.
 
-Keys are kohya's: ``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``, where <module> is
-the layer's path with underscores for dots, in the spelling kohya itself writes for the family (diffusers names
+For Stable Diffusion UNets, keys are kohya's: ``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight`` and
+``.alpha``, where <module> is the layer's path with underscores for dots, in the spelling kohya itself writes for the family (diffusers names
 for SD1.x and SD2.x, ldm/sgm names for SDXL, which A1111 maps without error only in that spelling). Every reader
 adds ``(alpha / rank) * up @ down`` to the weight. We write one alpha for every layer, the most common rank, and
 scale the up factor of a layer of another rank to match: diffusers applies a layer's own alpha only where all
 layers share one (it loses those of the attention layers otherwise). A Conv layer's down factor is a k x k conv to
-``rank`` channels and its up factor a 1x1 conv (LoCon).
+``rank`` channels and its up factor a 1x1 conv (LoCon). Flux and SD3 erasures are written in PEFT's layout,
+``transformer.<diffusers module>.lora_A.weight`` and ``.lora_B.weight`` with no alpha, which diffusers' loaders for
+those models and ComfyUI's read.
 
 A low-rank erasure is written as its trained factors; a full-rank delta is factored by truncated SVD at the rank
 asked for, and the relative error of each written product is reported. A LoRA carries no bias deltas: diffusers
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from .erasure_file import ErasureDelta, LowRank, write_atomically
+from .erasure_file import TRANSFORMER_KEY_PREFIX, ErasureDelta, LowRank, is_transformer_family, write_atomically
 from .keys import UnetLayout
 
 FORMAT_NAME = "esd-erasure-lora"
@@ -97,7 +99,10 @@ def lora_factors(delta: ErasureDelta, rank: int, dtype: torch.dtype) -> tuple[di
 
 
 def module_key(ldm_weight_name: str, family: str, layout: UnetLayout | None) -> str:
-    """kohya's key of a layer: ``lora_unet_`` and its path with underscores, in the spelling kohya writes for the family."""
+    """kohya's key of a layer: ``lora_unet_`` and its path with underscores, in the spelling kohya writes for the family;
+    for Flux and SD3, diffusers' own: ``transformer.`` and the diffusers path."""
+    if is_transformer_family(family):
+        return TRANSFORMER_KEY_PREFIX + ldm_weight_name.rsplit(".", 1)[0]
     if "xl" in family:
         name = ldm_weight_name
     elif layout is None:
@@ -118,6 +123,13 @@ def layer_tensors(key: str, low: LowRank, alpha: int) -> dict[str, torch.Tensor]
             f"{key}.alpha": torch.tensor(float(alpha), dtype=low.up.dtype)}
 
 
+def peft_layer_tensors(key: str, low: LowRank) -> dict[str, torch.Tensor]:
+    """One layer's factors under PEFT's key endings (``lora_B`` up, ``lora_A`` down), with no alpha: readers then
+    scale by 1, so ``lora_B @ lora_A`` is ``low``'s product. The layout diffusers' Flux and SD3 loaders read."""
+    up, down = low.as_layers()
+    return {f"{key}.lora_B.weight": up, f"{key}.lora_A.weight": down}
+
+
 def sharing_metadata(metadata: dict[str, str], family: str, rank: int, alpha: int) -> dict[str, str]:
     """The fields sharing sites and UIs read (SAI model spec, kohya's ss_*), so that a shared file says what it is
     and A1111/Forge list it for the right model."""
@@ -131,7 +143,7 @@ def sharing_metadata(metadata: dict[str, str], family: str, rank: int, alpha: in
         "Apply at strength 1.",
         "modelspec.date": metadata.get("created", ""),
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
-        "modelspec.prediction_type": "v" if prediction == "v" else "epsilon",
+        "modelspec.prediction_type": prediction if prediction in ("v", "flow") else "epsilon",
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
@@ -160,7 +172,8 @@ def save_lora(delta: ErasureDelta, path: str, rank: int, dtype: torch.dtype = to
     alpha = Counter(low.rank for low in factors.values()).most_common(1)[0][0]
     tensors = {}
     for name, low in factors.items():
-        tensors |= layer_tensors(module_key(name, delta.family, layout), low, alpha)
+        key = module_key(name, delta.family, layout)
+        tensors |= peft_layer_tensors(key, low) if is_transformer_family(delta.family) else layer_tensors(key, low, alpha)
     metadata = {
         **delta.metadata,
         **sharing_metadata(delta.metadata, delta.family, max(report.ranks), alpha),

@@ -107,11 +107,12 @@ OPTIONS = (
     Option("rank", AUTO_RANK, "-1 (auto): rank-8 deltas for esd-u and esd-all, which train the whole UNet, full rank for "
            "the others. 0: full rank, the paper's (esd-u on SD1.5 then trains 815 M values: about 13 GB more for the "
            "deltas, their gradients and Adam's state). r: LoRA-style rank-r deltas.", minimum=AUTO_RANK, maximum=1024),
-    Option("sample_steps", 50, "DDIM steps of the schedule x_t is sampled on; each update runs a random number of them. "
-           "Steps are placed as SD places them (every 1000 // steps timesteps), so a count that divides 1000 starts "
-           "nearest pure noise.", minimum=1, maximum=999),
-    Option("sample_guidance", 3.0, "Classifier-free guidance while sampling x_t (the paper: 3.0).", minimum=0.0, maximum=100.0,
-           step=0.1),
+    Option("sample_steps", 50, "Sampler steps of the schedule x_t is sampled on (DDIM for SD, Euler on the model's shifted "
+           "sigmas for Flux and SD3); each update runs a random number of them. On SD, steps are placed as SD places them "
+           "(every 1000 // steps timesteps), so a count that divides 1000 starts nearest pure noise.", minimum=1, maximum=999),
+    Option("sample_guidance", 3.0, "Classifier-free guidance while sampling x_t (the paper: 3.0). On Flux.1-dev it is the "
+           "distilled guidance input, used for every prediction (sampling and targets); Flux.1-schnell has none.",
+           minimum=0.0, maximum=100.0, step=0.1),
     Option("sample_with", "trained", "Which model samples x_t: the one being trained (the paper), the frozen original "
            "(the 2025 script), or mixed: the original for the erased texts, the trained one for the preserved texts.",
            choices=SAMPLE_WITH_CHOICES),

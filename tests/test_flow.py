@@ -94,3 +94,62 @@ def test_esd_x_erasure_trains_the_text_streams_attention_only_and_leaves_the_mod
     assert unchanged == ({"transformer_blocks.1.attn.add_q_proj.weight", "transformer_blocks.1.attn.add_q_proj.bias"} if kind == "sd3" else set())
     assert erasure.metadata["base_family"] == host.family and erasure.metadata["base_prediction"] == "flow"
     assert all(torch.equal(before[name], tensor) for name, tensor in host.transformer.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["flux-dev", "sd3"])
+def test_saved_erasures_reload_and_diffusers_loads_the_lora_as_trained(flow_folders, tmp_path, kind):
+    """The delta file (``transformer.<layer>.diff``) reads back exactly; the LoRA file (PEFT keys) loads with the
+    pipeline's own ``load_lora_weights`` and predicts what the host predicts with the erasure attached."""
+    from esd_core.apply import applied_delta
+    from esd_core.erasure_file import ErasureDelta
+    from esd_core.lora_format import save_lora
+
+    host = flow_host(flow_folders[kind])
+    config = EraseConfig(concept="red", method="esd-x", iterations=3, lr=1e-2, sample_steps=4, seed=0, rank=2)
+    erasure = erase(host, config)
+    erasure.save(str(tmp_path / "delta.safetensors"), torch.float32)
+    save_lora(erasure, str(tmp_path / "lora.safetensors"), rank=2, dtype=torch.float32)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "delta.safetensors"), "pt") as handle:
+        assert all(key.startswith("transformer.transformer_blocks.") and key.endswith((".diff", ".diff_b")) for key in handle.keys())
+    reloaded = ErasureDelta.load(str(tmp_path / "delta.safetensors"), host.layout, host.family)
+    assert set(reloaded.deltas) == set(erasure.deltas)
+    assert all(torch.allclose(reloaded.full(n), erasure.full(n), atol=1e-7) for n in erasure.deltas)
+
+    x_t, conds = torch.randn(1, *host.latent_shape), [host.encode("red")]
+    # a LoRA carries the weights' deltas, not the biases' (as every LoRA file)
+    weights_only = ErasureDelta({n: d for n, d in erasure.deltas.items() if n.endswith(".weight")}, erasure.metadata)
+    with torch.no_grad(), applied_delta(host.transformer, weights_only):
+        erased = host.predict(x_t, 700.0, conds)
+    original = host.predict(x_t, 700.0, conds)
+    host.pipeline.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    with torch.no_grad():
+        by_diffusers = host.predict(x_t, 700.0, conds)
+    assert not torch.allclose(erased, original, atol=1e-3)
+    assert torch.allclose(by_diffusers, erased, atol=1e-5), (by_diffusers - erased).abs().max()
+
+
+def test_the_command_line_erases_a_flux_model_and_applies_it(flow_folders, tmp_path):
+    """``esd-erase erase`` picks the flow host for a Flux folder (its guidance the distilled input), writes a LoRA in
+    PEFT keys, and ``apply`` writes the erased transformer, which differs from the original where the LoRA says."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from esd_core.cli import main
+
+    lora = tmp_path / "red.safetensors"
+    assert main(["erase", "--model", flow_folders["flux-dev"], "--concept", "red", "--out", str(lora), "--iterations", "2",
+                 "--lr", "1e-2", "--sample-steps", "4", "--resolution", str(RESOLUTION), "--sample-guidance", "3.5",
+                 "--device", "cpu", "--save-dtype", "fp32"]) == 0
+    with safe_open(str(lora), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    assert keys and all(k.startswith("transformer.transformer_blocks.0.attn.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert metadata["base_family"] == "custom-flux-dev(width=16)" and metadata["base_prediction"] == "flow"
+    assert metadata["modelspec.prediction_type"] == "flow"
+
+    erased_file = tmp_path / "erased.safetensors"
+    assert main(["apply", "--model", flow_folders["flux-dev"], "--delta", str(lora), "--out", str(erased_file)]) == 0
+    erased, original = load_file(str(erased_file)), load_pipeline(flow_folders["flux-dev"]).transformer.state_dict()
+    changed = {name for name in original if not torch.equal(erased[name], original[name])}
+    assert changed == {k.replace("transformer.", "", 1).replace(".lora_A.weight", ".weight") for k in keys if k.endswith("lora_A.weight")}
