@@ -140,7 +140,8 @@ def check_supported(model) -> None:
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or len(sampling.sigmas) != 1000:
         raise ValueError(
             f"ESD needs a UNet with a 1000-step discrete noise schedule (Stable Diffusion 1.x, 2.x or SDXL); "
-            f"this model ({type(model.model).__name__}) has another kind. Load an SD1.x, SD2.x or SDXL checkpoint."
+            f"this model ({type(model.model).__name__}) has another kind. Load an SD1.x, SD2.x or SDXL checkpoint. "
+            "Flux.1 and SD3.x erasures train on the command line for now: esd-erase erase --model <diffusers folder>."
         )
     if model.model.model_type not in (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION):
         raise ValueError(f"Unsupported prediction type {model.model.model_type}; ESD supports eps and v-prediction models.")
