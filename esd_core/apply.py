@@ -34,25 +34,25 @@ def denoiser_family(denoiser) -> str:
     return unet_family(denoiser) if isinstance(denoiser, UNet2DConditionModel) else transformer_family(denoiser)
 
 
-def unet_layout(denoiser) -> UnetLayout:
+def denoiser_layout(denoiser) -> UnetLayout:
     """The denoiser's layer names in the spellings files use, to read LoRA files for it."""
     if isinstance(denoiser, UNet2DConditionModel):
         return UnetLayout.of_unet(denoiser.state_dict().keys(), dict(denoiser.config))
     return TransformerLayout(denoiser.state_dict().keys())
 
 
-def load_for(unet: UNet2DConditionModel, path: str) -> ErasureDelta:
+def load_for(denoiser, path: str) -> ErasureDelta:
     """Read an erasure file of either format for this denoiser, refusing one made for another model."""
-    delta = ErasureDelta.load(path, unet_layout(unet), denoiser_family(unet))
-    check_fits(unet, delta)
+    delta = ErasureDelta.load(path, denoiser_layout(denoiser), denoiser_family(denoiser))
+    check_fits(denoiser, delta)
     return delta
 
 
-def _targets(unet: UNet2DConditionModel, delta: ErasureDelta) -> dict[str, torch.Tensor]:
+def _targets(denoiser, delta: ErasureDelta) -> dict[str, torch.Tensor]:
     """The denoiser's parameters the delta changes, by the names files use, after refusing an incompatible delta."""
-    parameters = dict(unet.named_parameters())
-    by_ldm_name = {ldm: parameters[name] for name, ldm in unet_layout(unet).ldm_of.items() if name in parameters}
-    delta.check_compatible(by_ldm_name, denoiser_family(unet))
+    parameters = dict(denoiser.named_parameters())
+    by_ldm_name = {ldm: parameters[name] for name, ldm in denoiser_layout(denoiser).ldm_of.items() if name in parameters}
+    delta.check_compatible(by_ldm_name, denoiser_family(denoiser))
     return {name: by_ldm_name[name] for name in delta.deltas}
 
 
@@ -62,24 +62,24 @@ def _add(targets: dict[str, torch.Tensor], delta: ErasureDelta, strength: float)
         parameter.add_(delta.full(name).to(parameter.device, parameter.dtype), alpha=strength)
 
 
-def check_fits(unet: UNet2DConditionModel, delta: ErasureDelta) -> None:
-    """Refuse (ValueError) a delta made for another model, without touching the UNet."""
-    _targets(unet, delta)
+def check_fits(denoiser, delta: ErasureDelta) -> None:
+    """Refuse (ValueError) a delta made for another model, without touching the denoiser."""
+    _targets(denoiser, delta)
 
 
-def apply_delta(unet: UNet2DConditionModel, delta: ErasureDelta, strength: float = 1.0) -> None:
-    """Add ``strength * delta`` to the UNet's weights in place (for writing an erased model)."""
-    _add(_targets(unet, delta), delta, strength)
+def apply_delta(denoiser, delta: ErasureDelta, strength: float = 1.0) -> None:
+    """Add ``strength * delta`` to the denoiser's weights in place (for writing an erased model)."""
+    _add(_targets(denoiser, delta), delta, strength)
 
 
 @contextmanager
-def applied_delta(unet: UNet2DConditionModel, delta: ErasureDelta, strength: float = 1.0):
+def applied_delta(denoiser, delta: ErasureDelta, strength: float = 1.0):
     """Apply the delta inside a block; afterwards the original weights are restored bit-exactly."""
-    targets = _targets(unet, delta)
+    targets = _targets(denoiser, delta)
     originals = {name: parameter.detach().clone() for name, parameter in targets.items()}
     try:
         _add(targets, delta, strength)
-        yield unet
+        yield denoiser
     finally:
         with torch.no_grad():
             for name, parameter in targets.items():

@@ -307,14 +307,14 @@ def run_export(args) -> None:
 def file_layout(args) -> UnetLayout:
     """The layer names of the model an erasure file is for: ``--model``'s, else those of the family its header
     names, else the shipped tiny world's."""
-    from .apply import denoiser_of, unet_layout
+    from .apply import denoiser_layout, denoiser_of
     from .diffusers_host import load_pipeline
 
     metadata, _ = read_safetensors(args.delta, with_tensors=False)
     family = family_from_metadata(metadata)
     if args.model is None and family in BUILT_IN_FAMILIES:
         return UnetLayout.of_family(family)
-    return unet_layout(denoiser_of(load_pipeline(model_path(args), args.config, with_vae=False)))
+    return denoiser_layout(denoiser_of(load_pipeline(model_path(args), args.config, with_vae=False)))
 
 
 def run_eval(args) -> dict:

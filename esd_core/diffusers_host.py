@@ -157,8 +157,6 @@ class DiffusersHost(PipelineHost):
         return output
 
 
-
-
 @contextmanager
 def learned_token(pipeline: DiffusionPipeline, token: str, vectors: list[torch.Tensor]):
     """Inside the block the pipeline reads ``token`` as one new word whose embedding in each text encoder is that

@@ -19,12 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .keys import UnetLayout
+from .keys import TRANSFORMER_KEY_PREFIX, UnetLayout
 
 FORMAT_NAME = "esd-erasure-delta"
 FORMAT_VERSION = "1"
 KEY_PREFIX = "diffusion_model."
-TRANSFORMER_KEY_PREFIX = "transformer."
 _SUFFIXES = {"weight": ".diff", "bias": ".diff_b"}
 
 # What each key ending of a LoRA-style file holds (kohya's lora_up/lora_down and PEFT's lora_B/lora_A are the two

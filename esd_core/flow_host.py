@@ -32,6 +32,9 @@ class FlowDiffusersHost(PipelineHost):
 
     def __init__(self, pipeline: DiffusionPipeline, device="cpu", resolution: int | None = None,
                  gradient_checkpointing: bool = False, guidance: float = 3.5):
+        if not isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(f"The pipeline's scheduler is {type(pipeline.scheduler).__name__}; a flow-matching model needs its "
+                             "FlowMatchEulerDiscreteScheduler config (scheduler/scheduler_config.json of the model folder).")
         super().__init__(pipeline, pipeline.transformer, device, gradient_checkpointing)
         self.transformer = self.denoiser
         config = self.transformer.config
@@ -47,9 +50,6 @@ class FlowDiffusersHost(PipelineHost):
         # The T5 prompt length each pipeline uses by default (Flux.1-dev 512, schnell and SD3 256), at most the tokenizer's.
         self.max_sequence_length = min(512 if self.distilled_guidance is not None else 256, self._tokenizers()[-1].model_max_length)
         self.scheduler_config = pipeline.scheduler.config
-        if pipeline.scheduler.__class__.__name__ != "FlowMatchEulerDiscreteScheduler":
-            raise ValueError(f"The pipeline's scheduler is {type(pipeline.scheduler).__name__}; a flow-matching model needs its "
-                             "FlowMatchEulerDiscreteScheduler config (scheduler/scheduler_config.json of the model folder).")
 
     def ldm_name(self, name: str) -> str:
         return name  # erasure files name a transformer's layers as diffusers does (``TransformerLayout``)

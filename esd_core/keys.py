@@ -99,8 +99,6 @@ class UnetLayout:
     ``lora_unet_down_blocks_0_...``, a PEFT file's ``unet.down_blocks.0...``, ComfyUI's ``diffusion_model.input_blocks...``)
     can be read, and written in the spelling each tool expects."""
 
-    file_prefix = "diffusion_model."  # before a layer's name in delta files: ComfyUI's own layout
-
     def __init__(self, ldm_of: dict[str, str]):
         self.ldm_of = dict(ldm_of)  # diffusers tensor name -> ldm tensor name
         self.diffusers_of = {ldm: diffusers for diffusers, ldm in self.ldm_of.items()}
@@ -142,15 +140,17 @@ def _family_layout(family: str) -> UnetLayout:
     return UnetLayout.of_unet(unet.state_dict().keys(), dict(unet.config))
 
 
+# What precedes a transformer's layer name in erasure files (diffusers' spelling, which ComfyUI's loader maps too).
+TRANSFORMER_KEY_PREFIX = "transformer."
+
+
 class TransformerLayout(UnetLayout):
     """A flow-matching transformer's (Flux.1, SD3.x) names: erasure files name its layers as diffusers does, after
     ``transformer.``, the spelling diffusers' loaders read and ComfyUI's LoRA loader maps onto its own fused layout."""
-
-    file_prefix = "transformer."
 
     def __init__(self, names):
         super().__init__({name: name for name in names})
 
     def ldm_modules(self) -> dict[str, str]:
         modules = {name.rsplit(".", 1)[0] for name in self.ldm_of}
-        return {spelled: module for module in modules for spelled in (module, self.file_prefix + module)}
+        return {spelled: module for module in modules for spelled in (module, TRANSFORMER_KEY_PREFIX + module)}

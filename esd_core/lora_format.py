@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from .erasure_file import TRANSFORMER_KEY_PREFIX, ErasureDelta, LowRank, is_transformer_family, write_atomically
-from .keys import UnetLayout
+from .erasure_file import ErasureDelta, LowRank, is_transformer_family, write_atomically
+from .keys import TRANSFORMER_KEY_PREFIX, UnetLayout
 
 FORMAT_NAME = "esd-erasure-lora"
 FORMAT_VERSION = "1"

@@ -5,11 +5,17 @@ test_selection_and_keys)."""
 import pytest
 import torch
 from diffusers import FluxPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+from esd_core.apply import applied_delta
+from esd_core.cli import main
 from esd_core.config import EraseConfig
 from esd_core.diffusers_host import host_for, load_pipeline
+from esd_core.erasure_file import ErasureDelta
 from esd_core.esd import erase, train_erasure
 from esd_core.flow_host import FlowDiffusersHost
+from esd_core.lora_format import save_lora
 from esd_core.methods import text_stream_attention
 from esd_core.sampling import guided_trajectory
 
@@ -100,17 +106,11 @@ def test_esd_x_erasure_trains_the_text_streams_attention_only_and_leaves_the_mod
 def test_saved_erasures_reload_and_diffusers_loads_the_lora_as_trained(flow_folders, tmp_path, kind):
     """The delta file (``transformer.<layer>.diff``) reads back exactly; the LoRA file (PEFT keys) loads with the
     pipeline's own ``load_lora_weights`` and predicts what the host predicts with the erasure attached."""
-    from esd_core.apply import applied_delta
-    from esd_core.erasure_file import ErasureDelta
-    from esd_core.lora_format import save_lora
-
     host = flow_host(flow_folders[kind])
     config = EraseConfig(concept="red", method="esd-x", iterations=3, lr=1e-2, sample_steps=4, seed=0, rank=2)
     erasure = erase(host, config)
     erasure.save(str(tmp_path / "delta.safetensors"), torch.float32)
     save_lora(erasure, str(tmp_path / "lora.safetensors"), rank=2, dtype=torch.float32)
-    from safetensors import safe_open
-
     with safe_open(str(tmp_path / "delta.safetensors"), "pt") as handle:
         assert all(key.startswith("transformer.transformer_blocks.") and key.endswith((".diff", ".diff_b")) for key in handle.keys())
     reloaded = ErasureDelta.load(str(tmp_path / "delta.safetensors"), host.layout, host.family)
@@ -133,11 +133,6 @@ def test_saved_erasures_reload_and_diffusers_loads_the_lora_as_trained(flow_fold
 def test_the_command_line_erases_a_flux_model_and_applies_it(flow_folders, tmp_path):
     """``esd-erase erase`` picks the flow host for a Flux folder (its guidance the distilled input), writes a LoRA in
     PEFT keys, and ``apply`` writes the erased transformer, which differs from the original where the LoRA says."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from esd_core.cli import main
-
     lora = tmp_path / "red.safetensors"
     assert main(["erase", "--model", flow_folders["flux-dev"], "--concept", "red", "--out", str(lora), "--iterations", "2",
                  "--lr", "1e-2", "--sample-steps", "4", "--resolution", str(RESOLUTION), "--sample-guidance", "3.5",

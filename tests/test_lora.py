@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from esd_core.apply import apply_delta, load_for, unet_family, unet_layout
+from esd_core.apply import apply_delta, denoiser_layout, load_for, unet_family
 from esd_core.cli import main
 from esd_core.diffusers_host import load_pipeline
 from esd_core.erasure_file import DamagedErasureError, ErasureDelta, LowRank
@@ -26,7 +26,7 @@ def erase(folder, out, *extra):
 def random_erasure(unet, rank: int = 4, seed: int = 0) -> ErasureDelta:
     """Every Linear/Conv layer changed: low-rank outside cross-attention, full-rank (weights and biases) inside."""
     generator = torch.Generator().manual_seed(seed)
-    layout = unet_layout(unet)
+    layout = denoiser_layout(unet)
     deltas = {}
     for name, tensor in select_parameters(layer_tensors(unet), "esd-all").items():
         if tensor.dim() >= 2 and "attn2" not in name:
