@@ -8,7 +8,9 @@ Selection goes by module name, in either spelling of a model's names:
   projections: diffusers ``attn.add_q_proj``/``add_k_proj``/``add_v_proj``/``to_add_out``, ComfyUI Flux
   ``txt_attn.qkv``/``txt_attn.proj``, ComfyUI SD3 ``context_block.attn.qkv``/``.proj``. That is ESD-x there.
   Flux's single-stream blocks run text and image tokens through the same weights, so they belong to ESD-u.
-Only the weights and biases of Linear and Conv layers are trained; norms never.
+Only the weights and biases of Linear and Conv layers are trained; norms never. On MMDiT transformers only the
+weights: ComfyUI fuses q, k and v into one layer and its LoRA loader cannot add a bias delta to one slice of it, and
+a LoRA carries no biases; so a transformer erasure holds the same tensors in every form and in both hosts.
 """
 
 import re
@@ -88,4 +90,5 @@ def select_parameters(tensors: dict, method: str, architecture: str = "unet") ->
     if wanted is None:
         usable = ", ".join(m for m, (*_, mmdit) in TRAIN_METHODS.items() if mmdit is not None)
         raise ValueError(f"The method {method!r} is defined for UNets only; on Flux and SD3 models use one of: {usable}.")
-    return {name: t for name, t in tensors.items() if wanted(name.rsplit(".", 1)[0])}
+    return {name: t for name, t in tensors.items()
+            if wanted(name.rsplit(".", 1)[0]) and (architecture == "unet" or name.endswith(".weight"))}

@@ -53,7 +53,7 @@ def meta_transformer(family):
 
 
 def linear_size(rows, columns):
-    return rows * columns + rows  # weight and bias
+    return rows * columns  # transformers train weights only
 
 
 # Text-stream attention layers of each real config, counted by hand: Flux has 19 double blocks of dimension 3072,
@@ -76,7 +76,8 @@ def test_transformer_method_counts_on_real_configs(family):
         return sum(t.numel() for t in select_parameters(everything, method, "mmdit").values())
 
     assert count("esd-x") == TEXT_STREAM_BY_HAND[family]
-    assert count("esd-x") + count("esd-u") == count("esd-all") == sum(t.numel() for t in everything.values())
+    weights = sum(t.numel() for name, t in everything.items() if name.endswith(".weight"))
+    assert count("esd-x") + count("esd-u") == count("esd-all") == weights
     with pytest.raises(ValueError, match="UNets only.*esd-x"):
         select_parameters(everything, "esd-x-strict", "mmdit")
 
@@ -97,7 +98,7 @@ def test_text_stream_selection_reads_comfyui_names_too():
     ]
     tensors = {name: torch.empty(0) for name in names}
     assert sorted(select_parameters(tensors, "esd-x", "mmdit")) == sorted(
-        n for n in names if ".txt_attn." in n or ".context_block.attn." in n)
+        n for n in names if (".txt_attn." in n or ".context_block.attn." in n) and n.endswith(".weight"))
     assert "joint_blocks.2.x_block.attn2.qkv.weight" in select_parameters(tensors, "esd-u", "mmdit")
 
 
