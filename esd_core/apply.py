@@ -15,14 +15,20 @@ def unet_family(unet: UNet2DConditionModel) -> str:
 
 
 def transformer_family(transformer) -> str:
-    """The base-model family of a Flux or SD3 transformer, from its config: "flux-dev", "flux-schnell", "sd3", or
-    "custom-..." for another size of the same architecture (a tiny test model)."""
+    """The base-model family of a diffusers Flux or SD3 transformer, from its config (``flow_family``)."""
     config = transformer.config
     width = config.num_attention_heads * config.attention_head_dim
     if isinstance(transformer, FluxTransformer2DModel):
-        kind = "flux-dev" if config.guidance_embeds else "flux-schnell"
-        return kind if (width, config.joint_attention_dim) == (3072, 4096) else f"custom-{kind}(width={width})"
-    return "sd3" if config.joint_attention_dim == 4096 and config.patch_size == 2 else f"custom-sd3(width={width})"
+        return flow_family("flux-dev" if config.guidance_embeds else "flux-schnell", width, config.joint_attention_dim)
+    return flow_family("sd3", width, config.joint_attention_dim, config.patch_size)
+
+
+def flow_family(kind: str, width: int, text_width: int, patch_size: int = 2) -> str:
+    """The family of a transformer of ``kind`` ("flux-dev", "flux-schnell" or "sd3"): the kind for the released
+    shapes (Flux 3072 wide; SD3.x of any width, all read 4096-wide T5 text in 2x2 patches), "custom-<kind>(width=N)"
+    for another size of the same architecture (a tiny test model)."""
+    released = (width, text_width) == (3072, 4096) if kind.startswith("flux") else (text_width, patch_size) == (4096, 2)
+    return kind if released else f"custom-{kind}(width={width})"
 
 
 def denoiser_of(pipeline):

@@ -23,12 +23,44 @@ from .diffusers_host import PipelineHost
 from .keys import TransformerLayout
 
 
-class FlowDiffusersHost(PipelineHost):
-    """One diffusers Flux.1 or SD3.x pipeline: its transformer and text encoders. ``guidance`` is Flux.1-dev's
-    distilled guidance, used for every prediction; other models take their guidance from the sampler."""
+def prompt_length(pipeline: DiffusionPipeline) -> int:
+    """The T5 prompt length a pipeline uses by default (Flux.1-dev 512, schnell and SD3 256), at most its last
+    tokenizer's: without a T5 encoder (the tiny flow world) SD3 puts zeros in its place, as long as the CLIP prompt."""
+    transformer = pipeline.transformer
+    distilled = isinstance(transformer, FluxTransformer2DModel) and transformer.config.guidance_embeds
+    last_tokenizer = pipeline.tokenizer_3 if getattr(pipeline, "tokenizer_3", None) is not None else \
+        getattr(pipeline, "tokenizer_2")
+    return min(512 if distilled else 256, last_tokenizer.model_max_length)
+
+
+def euler_scheduler(config: dict, steps: int, device, mu: float | None = None, sigmas: list[float] | None = None) -> FlowMatchEulerDiscreteScheduler:
+    """Euler on a flow model's sigma schedule in ``steps`` steps, shifted as the model is sampled: with dynamic
+    shifting (Flux) sigmas 1 .. 1/steps moved by ``mu``, else (SD3) by the config's fixed shift; or on the given
+    ``sigmas``, which the config's shift then moves (none at shift 1)."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    if scheduler.config.use_dynamic_shifting:
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device, sigmas=sigmas)
+    return scheduler
+
+
+class FlowMatching:
+    """What the flow-matching hosts (diffusers and ComfyUI) share: the layers methods select, the prediction, and
+    how a sampler combines its predictions."""
 
     architecture = "mmdit"
     prediction = "flow"
+    is_flux: bool
+
+    def sampler_prediction(self, unconditional: torch.Tensor, conditional: torch.Tensor, guidance: float) -> torch.Tensor:
+        """SD3.x: classifier-free guidance. Flux.1: the conditional prediction, whose guidance (if any) is an input."""
+        return conditional if self.is_flux else unconditional + guidance * (conditional - unconditional)
+
+
+class FlowDiffusersHost(FlowMatching, PipelineHost):
+    """One diffusers Flux.1 or SD3.x pipeline: its transformer and text encoders. ``guidance`` is Flux.1-dev's
+    distilled guidance, used for every prediction; other models take their guidance from the sampler."""
 
     def __init__(self, pipeline: DiffusionPipeline, device="cpu", resolution: int | None = None,
                  gradient_checkpointing: bool = False, guidance: float = 3.5):
@@ -47,8 +79,7 @@ class FlowDiffusersHost(PipelineHost):
             channels, multiple, native = config.in_channels, config.patch_size * self.vae_scale_factor, config.sample_size
         latent_size = self.latent_size(resolution, multiple, native)
         self.latent_shape = (channels, latent_size, latent_size)
-        # The T5 prompt length each pipeline uses by default (Flux.1-dev 512, schnell and SD3 256), at most the tokenizer's.
-        self.max_sequence_length = min(512 if self.distilled_guidance is not None else 256, self._tokenizers()[-1].model_max_length)
+        self.max_sequence_length = prompt_length(pipeline)
         self.scheduler_config = pipeline.scheduler.config
 
     def ldm_name(self, name: str) -> str:
@@ -59,21 +90,13 @@ class FlowDiffusersHost(PipelineHost):
         return TransformerLayout(self.layer_tensors())
 
     def sampling_scheduler(self, steps: int) -> FlowMatchEulerDiscreteScheduler:
-        """Euler on the model's own sigma schedule, set as its pipeline sets it: Flux's resolution-dependent shift
-        (sigmas 1 .. 1/steps, shifted by mu from the token count), SD3's fixed shift."""
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        if scheduler.config.use_dynamic_shifting:
+        """Euler on the model's own sigma schedule, set as its pipeline sets it: Flux's shift by mu from the token
+        count, SD3's fixed shift."""
+        config, mu = self.scheduler_config, None
+        if config.use_dynamic_shifting:
             tokens = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
-            mu = calculate_shift(tokens, scheduler.config.base_image_seq_len, scheduler.config.max_image_seq_len,
-                                 scheduler.config.base_shift, scheduler.config.max_shift)
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=self.device)
-        else:
-            scheduler.set_timesteps(steps, device=self.device)
-        return scheduler
-
-    def sampler_prediction(self, unconditional: torch.Tensor, conditional: torch.Tensor, guidance: float) -> torch.Tensor:
-        """SD3.x: classifier-free guidance. Flux.1: the conditional prediction, whose guidance (if any) is an input."""
-        return conditional if self.is_flux else super().sampler_prediction(unconditional, conditional, guidance)
+            mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+        return euler_scheduler(config, steps, self.device, mu)
 
     def _encode_prompt(self, text: str):
         """The pipeline's own encoding: (sequence embeddings, pooled embedding)."""

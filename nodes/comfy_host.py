@@ -1,4 +1,5 @@
-"""The ComfyUI host of the ESD loop: runs the UNet of a ComfyUI MODEL (a ModelPatcher) for esd_core.
+"""The ComfyUI host of the ESD loop: runs the denoiser of a ComfyUI MODEL (a ModelPatcher) for esd_core: the UNet of
+an SD1.x/SD2.x/SDXL model (``ComfyErasureHost``), or the transformer of a Flux.1 or SD3.x model (``ComfyFlowHost``).
 
 How the trainable delta reaches the layers: every weighted module of the UNet gets a ModelPatcher weight
 wrapper (the mechanism ComfyUI's own trainer uses). ComfyUI's layers then cast a fresh copy of their
@@ -11,6 +12,11 @@ Epsilon from ComfyUI's model: ``apply_model(x, sigma)`` takes k-diffusion inputs
 returns the denoised x0 for EPS and V-prediction models alike, so ``eps = (x - denoised) / sigma``, with
 ``x = x_t * sqrt(1 + sigma^2)`` for the DDPM latent ``x_t`` at the 1000-step timestep whose sigma it is.
 
+Velocity from a flow model: ``apply_model(x, sigma)`` takes ``x = x_t`` itself and returns ``denoised = x - sigma v``.
+ComfyUI fuses some of a transformer's layers (q, k, v in one ``qkv``; Flux's single blocks' q, k, v and MLP input in
+one ``linear1``), so there the delta is kept per layer as diffusers names it, the names erasure files use, and each
+fused tensor gets the deltas of its slices stacked (``transformer_pieces``, from ComfyUI's own name map).
+
 Memory, with ``gradient_checkpointing`` (as ComfyUI's own trainer): the UNet's outermost blocks recompute their
 activations in backward, and each transformer block's feed-forward runs one batch row at a time. Both replace
 ``forward`` on modules the input MODEL shares, so ``release()`` puts every one back.
@@ -19,6 +25,7 @@ activations in backward, and each transformer block's feed-forward runs one batc
 import logging
 import uuid
 from contextlib import contextmanager
+from typing import Callable, NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -29,32 +36,50 @@ import comfy.model_management
 import comfy.model_sampling
 import comfy.utils
 
+from ..esd_core.apply import flow_family
 from ..esd_core.erasure_file import model_family
+from ..esd_core.flow_host import FlowMatching, euler_scheduler
 from ..esd_core.host import ErasureHost
-from ..esd_core.keys import UnetLayout
+from ..esd_core.keys import TransformerLayout, UnetLayout
 from ..esd_core.methods import layer_tensors
 from ..esd_core.trainable import TrainableDelta
 
 PREFIX = "diffusion_model."
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}  # and 1024 for Flux.1 and SD3.x
+FLOW_MODELS = (comfy.model_base.Flux, comfy.model_base.SD3)  # exactly these classes: Chroma, a Flux subclass, has other layers
 # load_models_gpu's memory_required before training: more than any device has, so ComfyUI unloads every other model.
 FREE_EVERY_OTHER_MODEL = 1e20
 # Containers: their own forward is not what the UNet calls (it iterates over them), so their children are patched.
 CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
 
 
-class _Wrapper:
-    """A weight wrapper that adds the host's active delta for one tensor, or returns the weight as it came."""
+class Piece(NamedTuple):
+    """The part of a ComfyUI tensor that one erasure tensor is: all of it, or rows ``offset`` = (dim, start, size)
+    of it; ``function`` turns the erasure tensor's layout into ComfyUI's (a swap of halves), None for the same."""
 
-    def __init__(self, host: "ComfyErasureHost", name: str):
+    name: str
+    offset: tuple[int, int, int] | None = None
+    function: Callable | None = None
+
+
+class _Wrapper:
+    """A weight wrapper that adds the host's active delta to one ComfyUI tensor (the deltas of its pieces, stacked),
+    or returns the weight as it came."""
+
+    def __init__(self, host: "ComfyErasureHost", pieces: list[Piece]):
         self.host = host
-        self.name = name
+        self.pieces = sorted(pieces, key=lambda piece: piece.offset[1] if piece.offset else 0)
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         delta = self.host.active_delta
-        if delta is None or self.name not in delta.shapes:
+        if delta is None or not delta.enabled or not any(piece.name in delta.shapes for piece in self.pieces):
             return weight
-        return delta.added_to(self.name, weight)
+        parts = []
+        for piece in self.pieces:
+            part = delta.delta(piece.name) if piece.name in delta.shapes else weight.new_zeros(piece.offset[2], *weight.shape[1:])
+            parts.append(piece.function(part) if piece.function else part)
+        change = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return weight + change.to(device=weight.device, dtype=weight.dtype)
 
 
 def outermost_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -109,13 +134,29 @@ def is_sdxl(model) -> bool:
     return isinstance(model.model, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner))
 
 
+def is_flow(model) -> bool:
+    """Whether a MODEL is a Flux.1 or SD3.x flow-matching transformer."""
+    return type(model.model) in FLOW_MODELS
+
+
+def is_flux(model) -> bool:
+    return type(model.model) is comfy.model_base.Flux
+
+
 def family_of(model) -> str:
-    """The base-model family of a ComfyUI MODEL, in esd_core's words ("sd1", "sd2", "sdxl", ...)."""
-    unet_config = model.model.model_config.unet_config
-    return model_family(int(unet_config.get("context_dim") or 0), is_sdxl(model))
+    """The base-model family of a ComfyUI MODEL, in esd_core's words ("sd1", "sd2", "sdxl", "flux-dev", "sd3", ...)."""
+    config = model.model.model_config.unet_config
+    if is_flux(model):
+        return flow_family("flux-dev" if config.get("guidance_embed") else "flux-schnell", config["hidden_size"], config["context_in_dim"])
+    if is_flow(model):
+        text_width = config.get("context_embedder_config", {}).get("params", {}).get("in_features", 0)
+        return flow_family("sd3", 64 * config["depth"], text_width, config["patch_size"])
+    return model_family(int(config.get("context_dim") or 0), is_sdxl(model))
 
 
 def default_resolution(model) -> int:
+    if is_flow(model):
+        return 1024
     family = family_of(model)
     if family == "sd2" and model.model.model_type != comfy.model_base.ModelType.V_PREDICTION:
         return 512  # SD2.x base (512px, eps); 768 is for the v-prediction models
@@ -123,13 +164,39 @@ def default_resolution(model) -> int:
 
 
 def model_layout(model) -> UnetLayout:
-    """A MODEL's UNet names in both spellings, from ComfyUI's own diffusers -> ldm map (the one its LoRA loader uses)."""
+    """A MODEL's names in the spellings erasure files use: for a UNet both (diffusers and ldm), from ComfyUI's own
+    diffusers -> ldm map (the one its LoRA loader uses); for a transformer the diffusers names."""
+    if is_flow(model):
+        return TransformerLayout(transformer_pieces(model))
     return UnetLayout(comfy.utils.unet_to_diffusers(model.model.model_config.unet_config))
 
 
+def transformer_pieces(model) -> dict[str, tuple[str, Piece]]:
+    """A Flux or SD3 MODEL's layer weights by diffusers name -> (ComfyUI tensor name, the piece of it they are), from
+    ComfyUI's own diffusers -> ComfyUI map (the one its LoRA loader applies ``transformer.*`` keys with)."""
+    config = model.model.model_config.unet_config
+    key_map = (comfy.utils.flux_to_diffusers if is_flux(model) else comfy.utils.mmdit_to_diffusers)(config)
+    layers = layer_tensors(model.model.diffusion_model)
+    pieces = {}
+    for name, target in key_map.items():
+        comfy_name, *where = (target,) if isinstance(target, str) else target
+        if name.endswith(".weight") and comfy_name in layers:
+            pieces[name] = (comfy_name, Piece(name, *where))
+    return pieces
+
+
 def unet_tensors(model) -> dict[str, torch.Tensor]:
-    """Every UNet state-dict tensor of a MODEL by ldm name (no ``diffusion_model.`` prefix); no copies."""
-    return {k[len(PREFIX):]: v for k, v in model.model.state_dict().items() if k.startswith(PREFIX)}
+    """Every state-dict tensor of a MODEL's denoiser by the name erasures use: ldm name (no ``diffusion_model.``
+    prefix) for a UNet, diffusers name for a transformer's layer weights (a view of the slice a fused tensor holds,
+    in diffusers' layout); no copies."""
+    tensors = {k[len(PREFIX):]: v for k, v in model.model.state_dict().items() if k.startswith(PREFIX)}
+    if not is_flow(model):
+        return tensors
+    views = {}
+    for name, (comfy_name, piece) in transformer_pieces(model).items():
+        tensor = tensors[comfy_name] if piece.offset is None else tensors[comfy_name].narrow(*piece.offset)
+        views[name] = piece.function(tensor) if piece.function else tensor  # the only function, a swap of halves, undoes itself
+    return views
 
 
 def check_supported(model) -> None:
@@ -137,11 +204,15 @@ def check_supported(model) -> None:
     if not hasattr(model, "model") or not hasattr(model.model, "diffusion_model"):
         raise ValueError("The MODEL input is not a diffusion model. Connect the MODEL output of a checkpoint loader.")
     sampling = model.get_model_object("model_sampling")
+    if is_flow(model):
+        if not isinstance(sampling, comfy.model_sampling.CONST):
+            raise ValueError(f"This {type(model.model).__name__} model's sampling ({type(sampling).__name__}) is not flow "
+                             "matching; ESD runs Flux.1 and SD3.x as they are trained. Remove the node that changed it.")
+        return
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) or len(sampling.sigmas) != 1000:
         raise ValueError(
-            f"ESD needs a UNet with a 1000-step discrete noise schedule (Stable Diffusion 1.x, 2.x or SDXL); "
-            f"this model ({type(model.model).__name__}) has another kind. Load an SD1.x, SD2.x or SDXL checkpoint. "
-            "Flux.1 and SD3.x erasures train on the command line for now: esd-erase erase --model <diffusers folder>."
+            f"ESD needs a Stable Diffusion UNet (1.x, 2.x, SDXL) or a Flux.1 / SD3.x transformer; this model "
+            f"({type(model.model).__name__}) is another kind. Load one of those."
         )
     if model.model.model_type not in (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION):
         raise ValueError(f"Unsupported prediction type {model.model.model_type}; ESD supports eps and v-prediction models.")
@@ -153,12 +224,15 @@ class ComfyErasureHost(ErasureHost):
     Use it inside ``torch.inference_mode(False)``, and call ``release()`` when done (also on errors).
     """
 
+    block_inputs_change_in_place = False  # whether the denoiser's blocks add to their inputs in place
+
     def __init__(self, model, clip, resolution: int = 0, gradient_checkpointing: bool = True):
         check_supported(model)
         if clip is None:
             raise ValueError("A CLIP is needed to encode the concept. Connect the CLIP output of the checkpoint loader.")
-        if resolution and resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8, got {resolution}.")
+        multiple = 16 if is_flow(model) else 8  # flow transformers take 2x2 patches of the 8x-downscaled latents
+        if resolution and resolution % multiple:
+            raise ValueError(f"resolution must be a multiple of {multiple} for this model, got {resolution}.")
         self.clip = clip
         self.patcher = model.clone()
         self.family = family_of(model)
@@ -168,13 +242,15 @@ class ComfyErasureHost(ErasureHost):
         self.gradient_checkpointing = bool(gradient_checkpointing)
         channels = int(getattr(model.model.latent_format, "latent_channels", 4))
         self.latent_shape = (channels, self.resolution // 8, self.resolution // 8)
+        self.model_sampling = self.patcher.get_model_object("model_sampling")
         self.device = self.patcher.load_device
         self.active_delta: TrainableDelta | None = None
         self._wrapped = False
         self._others_freed = False
         self._grad_flags: dict[str, bool] = {}
         self._forward_patches = ForwardPatches()
-        sigmas = self.patcher.get_model_object("model_sampling").sigmas.detach().to("cpu", torch.float64)
+        self._replaced: list[tuple[torch.nn.Module, str, torch.Tensor]] = []  # (module, name, loaded tensor)
+        sigmas = self.model_sampling.sigmas.detach().to("cpu", torch.float64)
         self._sigmas = sigmas
         self._alphas_cumprod = (1.0 / (1.0 + sigmas**2)).float()
 
@@ -226,16 +302,16 @@ class ComfyErasureHost(ErasureHost):
         x_t = x_t.to(self.device, torch.float32)
         if x_t.shape[0] == 1 and rows > 1:
             x_t = x_t.expand(rows, *x_t.shape[1:])
-        timesteps = torch.as_tensor(timestep).reshape(-1).to("cpu", torch.long).expand(rows)
+        timesteps = torch.as_tensor(timestep, device="cpu").reshape(-1).expand(rows)
         if all(c[0].shape == conds[0][0].shape for c in conds):
-            return self._eps_batch(x_t, timesteps, conds)
+            return self._predict_batch(x_t, timesteps, conds)
         # prompts of different token lengths cannot share a batch: one row at a time
-        return torch.cat([self._eps_batch(x_t[i : i + 1], timesteps[i : i + 1], [c]) for i, c in enumerate(conds)])
+        return torch.cat([self._predict_batch(x_t[i : i + 1], timesteps[i : i + 1], [c]) for i, c in enumerate(conds)])
 
     # --- internals -----------------------------------------------------------------------------
-    def _eps_batch(self, x_t: torch.Tensor, timesteps: torch.Tensor, conds: list) -> torch.Tensor:
+    def _predict_batch(self, x_t: torch.Tensor, timesteps: torch.Tensor, conds: list) -> torch.Tensor:
         """eps = (x - denoised) / sigma, with x = x_t * sqrt(1 + sigma^2) the k-diffusion input at the row's timestep."""
-        sigma64 = self._sigmas[timesteps]
+        sigma64 = self._sigmas[timesteps.long()]
         sigma = sigma64.to(self.device, torch.float32)
         scale = (1.0 + sigma64**2).sqrt().to(self.device, torch.float32).view(-1, 1, 1, 1)
         x = x_t * scale
@@ -250,13 +326,8 @@ class ComfyErasureHost(ErasureHost):
         """Register the wrappers (and the memory patches) once, then have ComfyUI load the clone (a fresh load, so
         they take effect), fully; with ``free_others`` every other loaded model is unloaded first."""
         if not self._wrapped:
-            for module_name, module in self.patcher.model.diffusion_model.named_modules():
-                if not hasattr(module, "weight_function"):
-                    continue
-                for kind in ("weight", "bias"):
-                    if getattr(module, kind, None) is not None:
-                        name = f"{module_name}.{kind}"
-                        self.patcher.add_weight_wrapper(PREFIX + name, _Wrapper(self, name))
+            for name, pieces in self._pieces_by_tensor().items():
+                self.patcher.add_weight_wrapper(PREFIX + name, _Wrapper(self, pieces))
             for name, parameter in self.patcher.model.named_parameters():
                 if parameter.requires_grad:
                     self._grad_flags[name] = True
@@ -270,6 +341,35 @@ class ComfyErasureHost(ErasureHost):
         memory_required = FREE_EVERY_OTHER_MODEL if free_others else 0
         comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
         self._others_freed = self._others_freed or free_others
+        if not self._replaced:
+            self._copy_unwrapped_tensors()
+
+    def _copy_unwrapped_tensors(self) -> None:
+        """Replace the loaded inference tensors that no wrapper hands over as a copy (a Flux norm's ``scale``, SD3's
+        position table) with ordinary copies for the training, since autograd cannot save inference tensors;
+        ``release()`` puts the loaded ones back."""
+        wrapped = set(self._pieces_by_tensor())
+        for module_name, module in self.patcher.model.diffusion_model.named_modules():
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if tensor.is_inference() and f"{module_name}.{name}".lstrip(".") not in wrapped:
+                    copy = tensor.clone()
+                    if name in module._parameters:
+                        module._parameters[name] = torch.nn.Parameter(copy, requires_grad=False)
+                    else:
+                        module._buffers[name] = copy
+                    self._replaced.append((module, name, tensor))
+
+    def _pieces_by_tensor(self) -> dict[str, list[Piece]]:
+        """Every ComfyUI tensor the delta may reach (those of ComfyUI's layers, which take weight wrappers), with the
+        erasure tensors it is made of: for a UNet, itself."""
+        return {name: [Piece(name)] for name in self._wrappable()}
+
+    def _wrappable(self) -> list[str]:
+        names = []
+        for module_name, module in self.patcher.model.diffusion_model.named_modules():
+            if hasattr(module, "weight_function"):
+                names += [f"{module_name}.{kind}" for kind in ("weight", "bias") if getattr(module, kind, None) is not None]
+        return names
 
     def _patch_forwards(self) -> None:
         """Gradient checkpointing of the UNet's outermost blocks, and row-wise feed-forwards."""
@@ -293,6 +393,9 @@ class ComfyErasureHost(ErasureHost):
 
             def as_in_the_forward(*args):
                 with self._delta_as(delta, enabled):
+                    if self.block_inputs_change_in_place:  # work on copies, so the recomputation sees what the forward saw
+                        args = [a.clone() if torch.is_tensor(a) else a for a in args]
+                        return forward(*args, **{k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
                     return forward(*args, **kwargs)
 
             return torch.utils.checkpoint.checkpoint(as_in_the_forward, *args, use_reentrant=False)
@@ -316,6 +419,9 @@ class ComfyErasureHost(ErasureHost):
         """Unload the training clone, take the wrappers and forward patches off the shared modules, free the memory."""
         self.active_delta = None
         self._forward_patches.undo()
+        while self._replaced:
+            module, name, loaded = self._replaced.pop()
+            (module._parameters if name in module._parameters else module._buffers)[name] = loaded
         try:
             loaded = comfy.model_management.current_loaded_models
             for index in reversed(range(len(loaded))):
@@ -339,3 +445,61 @@ class ComfyErasureHost(ErasureHost):
             logging.warning("ESD: could not restore requires_grad on the model's weights: %s", error)
         self._grad_flags = {}
         comfy.model_management.soft_empty_cache()
+
+
+class ComfyFlowHost(FlowMatching, ComfyErasureHost):
+    """ErasureHost over a Flux.1 or SD3.x MODEL: velocity predictions, Euler on the MODEL's own shifted sigmas, and
+    Flux.1-dev's distilled ``guidance`` as an input of every prediction. Its erasure names the transformer's layer
+    weights as diffusers does (``transformer_pieces``)."""
+
+    alphas_cumprod = ErasureHost.alphas_cumprod  # flow models have no DDPM schedule
+    block_inputs_change_in_place = True  # ComfyUI's Flux blocks do (``img += ...``)
+
+    def __init__(self, model, clip, resolution: int = 0, gradient_checkpointing: bool = True, guidance: float = 3.5):
+        super().__init__(model, clip, resolution, gradient_checkpointing)
+        self.prediction = "flow"
+        self.is_flux = is_flux(model)
+        self.distilled_guidance = guidance if self.is_flux and model.model.model_config.unet_config.get("guidance_embed") else None
+
+    def layer_tensors(self) -> dict[str, torch.Tensor]:
+        self._load()
+        return unet_tensors(self.patcher)
+
+    def encode(self, text: str):
+        with torch.no_grad():
+            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+        return cond.detach().clone(), pooled.detach().clone()
+
+    def sampling_scheduler(self, steps: int):
+        """Euler on the sigmas ComfyUI samples this MODEL with (its "simple" schedule): the MODEL's own sigma at
+        evenly spaced times, shifted as its model sampling says (which a ModelSamplingFlux/SD3 node may have set)."""
+        sigmas = [float(self.model_sampling.percent_to_sigma(step / steps)) for step in range(steps)]
+        return euler_scheduler({"shift": 1.0}, steps, self.device, sigmas=sigmas)
+
+    def _predict_batch(self, x_t: torch.Tensor, timesteps: torch.Tensor, conds: list) -> torch.Tensor:
+        """v = (x - denoised) / sigma, with x = x_t and sigma = timestep / 1000 (the Euler scheduler's timesteps)."""
+        sigma = (timesteps.to(torch.float64) / 1000).to(self.device, torch.float32)
+        kwargs = {"y": torch.cat([c[1].to(self.device) for c in conds])}
+        if self.distilled_guidance is not None:
+            kwargs["guidance"] = torch.full((len(conds),), float(self.distilled_guidance), device=self.device)
+        context = torch.cat([c[0].to(self.device) for c in conds])
+        denoised = self.patcher.model.apply_model(x_t, sigma, c_crossattn=context, **kwargs)
+        return ((x_t - denoised.float()) / sigma.view(-1, 1, 1, 1)).float()
+
+    def _pieces_by_tensor(self) -> dict[str, list[Piece]]:
+        """ComfyUI's transformer tensors with the diffusers-named layers each holds (q, k and v of a fused qkv); the
+        others (norms, biases) hold none, and are wrapped only so that ComfyUI hands their forward a copy, not the
+        inference tensor it loaded, which autograd could not save."""
+        grouped = {name: [] for name in self._wrappable()}
+        for comfy_name, piece in transformer_pieces(self.patcher).values():
+            if comfy_name in grouped:
+                grouped[comfy_name].append(piece)
+        return grouped
+
+
+def erasure_host(model, clip, resolution: int = 0, gradient_checkpointing: bool = True, guidance: float = 3.5) -> ComfyErasureHost:
+    """The host for a MODEL: ``ComfyFlowHost`` for Flux.1 and SD3.x (``guidance``: Flux.1-dev's distilled guidance),
+    ``ComfyErasureHost`` for Stable Diffusion UNets."""
+    if hasattr(model, "model") and is_flow(model):
+        return ComfyFlowHost(model, clip, resolution, gradient_checkpointing, guidance)
+    return ComfyErasureHost(model, clip, resolution, gradient_checkpointing)

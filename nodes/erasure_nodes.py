@@ -21,11 +21,11 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from ..esd_core.config import EraseConfig
-from ..esd_core.erasure_file import DamagedErasureError, ErasureDelta, LowRank, file_key, fingerprint
+from ..esd_core.erasure_file import DamagedErasureError, ErasureDelta, LowRank, file_key, fingerprint, key_prefix
 from ..esd_core.lora_format import layer_tensors, save_erasure
 from ..esd_core.esd import NonFiniteLossError, erase
 from ..esd_core.options import COMMAND_LINE, DTYPES, ERASE_NODE, OPTIONS, OPTIONS_NODE, SAVE_NODE, BY_NAME, Option, defaults, shown_on
-from .comfy_host import PREFIX, ComfyErasureHost, family_of, is_sdxl, model_layout, unet_tensors
+from .comfy_host import PREFIX, erasure_host, family_of, is_flow, is_sdxl, model_layout, unet_tensors
 from .loss_plot import loss_curve_image
 from .unet_files import UnetFileError, diffusers_config, load_unet_weights
 
@@ -61,14 +61,15 @@ def unet_choices() -> list[str]:
 
 def delta_patches(model, delta: ErasureDelta) -> dict:
     """ModelPatcher patches that add the delta to the weights, made by ComfyUI's own LoRA loader from the delta in
-    its generic keys (``diffusion_model.<layer>`` + ``.lora_up.weight``/``.lora_down.weight``/``.alpha`` for a low-rank
+    the keys of its files (``diffusion_model.<layer>``, or ``transformer.<diffusers layer>`` for Flux and SD3, which
+    the loader maps onto its fused layers; + ``.lora_up.weight``/``.lora_down.weight``/``.alpha`` for a low-rank
     delta, ``.diff``/``.diff_b`` for a full one): so an erasure patches a model as a LoRA file of it would."""
-    state = {}
+    prefix, state = key_prefix(delta.family), {}
     for name, stored in delta.deltas.items():
         if isinstance(stored, LowRank):
-            state |= layer_tensors(PREFIX + name.rsplit(".", 1)[0], stored, stored.rank)
+            state |= layer_tensors(prefix + name.rsplit(".", 1)[0], stored, stored.rank)
         else:
-            state[file_key(name)] = stored
+            state[file_key(name, prefix)] = stored
     return comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(model.model, {}))
 
 
@@ -117,7 +118,7 @@ def train(model, clip, chosen: dict) -> io.NodeOutput:
 
     interrupted = False
     with torch.inference_mode(False):
-        host = ComfyErasureHost(model, clip, int(chosen["resolution"]), bool(chosen["gradient_checkpointing"]))
+        host = erasure_host(model, clip, int(chosen["resolution"]), bool(chosen["gradient_checkpointing"]), float(chosen["sample_guidance"]))
         try:
             delta = erase(host, config, progress)
         except comfy.model_management.InterruptProcessingException:
@@ -372,6 +373,9 @@ class LoadErasedUNet(io.ComfyNode):
         if folder not in (FOLDER, "diffusion_models") or not name:
             raise ValueError(f"Pick a file from the list (models/{FOLDER} or models/diffusion_models), got {unet_file!r}.")
         path = folder_paths.get_full_path_or_raise(folder, name)
+        if is_flow(model):
+            raise ValueError("Load Erased UNet takes Stable Diffusion UNet weights; for Flux.1 and SD3.x load the erased "
+                             "transformer with ComfyUI's 'Load Diffusion Model', or apply an erasure with 'Apply Erasure'.")
         unet_config = model.model.model_config.unet_config
         model_tensors = unet_tensors(model)
         # the model's own diffusers names, so a partial file is mapped with the whole layout in view
