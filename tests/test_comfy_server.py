@@ -30,7 +30,7 @@ def one_thread():
 # the Erasure Options node now, on the old node itself).
 FAST = {"iterations": 2, "sample_steps": 3, "learning_rate": 1e-3, "resolution": 64}
 SMALL_SAMPLING = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
-WORKFLOW_FILES = ("erase-and-compare.json", "apply-delta.json", "load-erased-unet.json")
+WORKFLOW_FILES = ("erase-and-compare.json", "erase-flux.json", "apply-delta.json", "load-erased-unet.json")
 # erase-and-compare first: apply-delta applies the erasure it writes
 BEFORE_FILES = tuple(sorted(os.listdir(comfy_workflows.WORKFLOWS_BEFORE), key=lambda name: name != "erase-and-compare.json"))
 

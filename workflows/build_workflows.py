@@ -13,17 +13,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 POSITIVE = "a painting of a starry night over a village, by Van Gogh"
+CONCEPT = "Van Gogh"
+# KSampler widgets: seed, its "control after generate", steps, cfg, sampler, scheduler, denoise. Flux.1-dev is
+# guidance-distilled: cfg 1 (the negative is never evaluated) and its guidance comes from FluxGuidance instead.
+SD_SAMPLING = [1234, "fixed", 20, 7.0, "euler", "normal", 1.0]
+FLUX_SAMPLING = [1234, "fixed", 20, 1.0, "euler", "simple", 1.0]
+FLUX_GUIDANCE = 3.5  # Flux.1-dev's usual distilled guidance, for the samplers and the training alike
 
 # Output slots of the nodes used below: name, type.
 OUTPUTS = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "UNETLoader": [("MODEL", "MODEL")],
+    "DualCLIPLoader": [("CLIP", "CLIP")],
+    "VAELoader": [("VAE", "VAE")],
     "ESDTrainErasure": [("MODEL", "MODEL"), ("ERASURE", "ERASURE"), ("loss_curve", "IMAGE")],
     "ESDErasureOptions": [("options", "ESD_OPTIONS")],
     "ESDSaveErasure": [("path", "STRING")],
     "ESDApplyErasure": [("MODEL", "MODEL"), ("ERASURE", "ERASURE")],
     "ESDLoadErasedUNet": [("MODEL", "MODEL"), ("report", "STRING")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
+    "FluxGuidance": [("CONDITIONING", "CONDITIONING")],
+    "ConditioningZeroOut": [("CONDITIONING", "CONDITIONING")],
     "EmptyLatentImage": [("LATENT", "LATENT")],
+    "EmptySD3LatentImage": [("LATENT", "LATENT")],
     "KSampler": [("LATENT", "LATENT")],
     "VAEDecode": [("IMAGE", "IMAGE")],
     "ImageStitch": [("IMAGE", "IMAGE")],
@@ -35,13 +47,19 @@ OUTPUTS = {
 # Link inputs, in slot order: name, type.
 INPUTS = {
     "CheckpointLoaderSimple": [],
+    "UNETLoader": [],
+    "DualCLIPLoader": [],
+    "VAELoader": [],
     "ESDTrainErasure": [("model", "MODEL"), ("clip", "CLIP"), ("options", "ESD_OPTIONS")],
     "ESDErasureOptions": [],
     "ESDSaveErasure": [("erasure", "ERASURE")],
     "ESDApplyErasure": [("model", "MODEL"), ("erasure", "ERASURE")],
     "ESDLoadErasedUNet": [("model", "MODEL")],
     "CLIPTextEncode": [("clip", "CLIP")],
+    "FluxGuidance": [("conditioning", "CONDITIONING")],
+    "ConditioningZeroOut": [("conditioning", "CONDITIONING")],
     "EmptyLatentImage": [],
+    "EmptySD3LatentImage": [],
     "KSampler": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
     "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")],
     "ImageStitch": [("image1", "IMAGE"), ("image2", "IMAGE")],
@@ -55,9 +73,11 @@ OPTIONAL_LINKS = ("options", "erasure", "image2")  # left out of a node's inputs
 # computes for the node's widgets (it grows a smaller node on load, over its neighbours), checked with
 # docs/screenshots/take.py.
 SIZES = {
-    "CheckpointLoaderSimple": [360, 100], "ESDTrainErasure": [380, 350], "ESDErasureOptions": [340, 330],
+    "CheckpointLoaderSimple": [360, 100], "UNETLoader": [360, 90], "DualCLIPLoader": [360, 130], "VAELoader": [360, 60],
+    "ESDTrainErasure": [380, 350], "ESDErasureOptions": [340, 450],
     "ESDSaveErasure": [340, 160], "ESDApplyErasure": [380, 110], "ESDLoadErasedUNet": [420, 80],
-    "CLIPTextEncode": [380, 160], "EmptyLatentImage": [380, 110], "KSampler": [320, 270], "VAEDecode": [220, 50],
+    "CLIPTextEncode": [380, 160], "FluxGuidance": [380, 60], "ConditioningZeroOut": [380, 30],
+    "EmptyLatentImage": [380, 110], "EmptySD3LatentImage": [380, 110], "KSampler": [320, 270], "VAEDecode": [220, 50],
     "ImageStitch": [320, 150], "SaveImage": [420, 360], "PreviewImage": [340, 280], "PreviewAny": [340, 120],
     "Note": [360, 300],
 }
@@ -131,9 +151,22 @@ def prompt_nodes(graph, clip_source, x, y):
     return positive, negative, latent
 
 
-def sampler(graph, model_source, positive, negative, latent, vae_source, pos, title):
-    """KSampler and its VAE Decode to the right of it; returns both."""
-    ksampler = graph.node("KSampler", pos, [1234, "fixed", 20, 7.0, "euler", "normal", 1.0], title=f"KSampler ({title})")
+def flux_prompt_nodes(graph, clip_source, x, y):
+    """Flux.1-dev's conditioning, as ComfyUI's Flux examples make it: the prompt through FluxGuidance, a zeroed
+    negative (at cfg 1 the sampler never evaluates it) and an SD3-style 16-channel latent."""
+    text = graph.node("CLIPTextEncode", (x, y), [POSITIVE], title="Positive")
+    graph.link(clip_source, "CLIP", text, "clip")
+    positive = graph.node("FluxGuidance", (x, below(text)), [FLUX_GUIDANCE])
+    graph.link(text, "CONDITIONING", positive, "conditioning")
+    negative = graph.node("ConditioningZeroOut", (x, below(positive)), title="Negative (none at cfg 1)")
+    graph.link(text, "CONDITIONING", negative, "conditioning")
+    latent = graph.node("EmptySD3LatentImage", (x, below(negative)), [1024, 1024, 1])
+    return positive, negative, latent
+
+
+def sampler(graph, model_source, positive, negative, latent, vae_source, pos, title, settings=SD_SAMPLING):
+    """KSampler (``settings``: its widget values) and its VAE Decode to the right of it; returns both."""
+    ksampler = graph.node("KSampler", pos, settings, title=f"KSampler ({title})")
     graph.link(model_source, "MODEL", ksampler, "model")
     graph.link(positive, "CONDITIONING", ksampler, "positive")
     graph.link(negative, "CONDITIONING", ksampler, "negative")
@@ -144,14 +177,47 @@ def sampler(graph, model_source, positive, negative, latent, vae_source, pos, ti
     return ksampler, decode
 
 
+def train_erasure(graph, model_source, clip_source, pos, resolution=0, options=None):
+    """Train Concept Erasure of CONCEPT with esd-x at its other defaults (``options``: an Erasure Options node)."""
+    erase = graph.node("ESDTrainErasure", pos, [CONCEPT, "", "", "esd-x", 1000, 1e-5, 1.0, 0, resolution])
+    graph.link(model_source, "MODEL", erase, "model")
+    graph.link(clip_source, "CLIP", erase, "clip")
+    if options is not None:
+        graph.link(options, "options", erase, "options")
+    return erase
+
+
+def save_erasure(graph, erase, filename_prefix):
+    """Save Erasure (a LoRA in models/erasures) right of the training node, the loss curve's preview under it;
+    returns the preview."""
+    save = graph.node("ESDSaveErasure", (right_of(erase), erase["pos"][1]),
+                      [filename_prefix, "fp16", "lora", 64, "erasures"])
+    graph.link(erase, "ERASURE", save, "erasure")
+    curve = graph.node("PreviewImage", (right_of(erase), below(save)), title="Loss curve")
+    graph.link(erase, "loss_curve", curve, "images")
+    return curve
+
+
+def compare_samples(graph, original_model, erased_model, prompts, vae_source, pos, settings, filename_prefix):
+    """The original and the erased model sampled with the same seed (one KSampler above the other from ``pos``,
+    each decoded to its right), stitched side by side, original left, and saved."""
+    positive, negative, latent = prompts
+    original, decode_original = sampler(graph, original_model, positive, negative, latent, vae_source, pos, "original",
+                                        settings)
+    erased, decode_erased = sampler(graph, erased_model, positive, negative, latent, vae_source,
+                                    (pos[0], below(original)), "erased", settings)
+    stitch_x = right_of(decode_original)
+    stitch = graph.node("ImageStitch", (stitch_x, original["pos"][1]), ["right", True, 16, "white"], title="Original | Erased")
+    graph.link(decode_original, "IMAGE", stitch, "image1")
+    graph.link(decode_erased, "IMAGE", stitch, "image2")
+    save_image = graph.node("SaveImage", (stitch_x, below(stitch)), [filename_prefix])
+    graph.link(stitch, "IMAGE", save_image, "images")
+
+
 def erase_and_compare():
     g = Graph()
     ckpt = g.node("CheckpointLoaderSimple", (20, 60), [CHECKPOINT])
-    erase = g.node("ESDTrainErasure", (right_of(ckpt), 60), [
-        "Van Gogh", "", "", "esd-x", 1000, 1e-5, 1.0, 0, 0,
-    ])
-    g.link(ckpt, "MODEL", erase, "model")
-    g.link(ckpt, "CLIP", erase, "clip")
+    erase = train_erasure(g, ckpt, ckpt, (right_of(ckpt), 60))
     note(g, (20, below(ckpt)), "1. Pick your SD1.x / SD2.x / SDXL checkpoint.\n2. Type the concept to erase (esd-x for "
          "styles and artists, esd-u for objects and nudity); texts in preserve are kept as they were.\n3. Run. "
          "Training shows its progress on the node and can be cancelled; the erasure is saved as a LoRA to models/erasures "
@@ -159,22 +225,45 @@ def erase_and_compare():
          "the original, right the erased model.\n\nMore settings (sampling steps, rank, preservation, memory): add "
          "an 'Erasure Options (ESD)' node and connect it to the options input. Without it the defaults "
          "apply.", size=[360, 230])
-    save = g.node("ESDSaveErasure", (right_of(erase), 60), ["esd/van_gogh", "fp16", "lora", 64, "erasures"])
-    g.link(erase, "ERASURE", save, "erasure")
-    curve = g.node("PreviewImage", (right_of(erase), below(save)), title="Loss curve")
-    g.link(erase, "loss_curve", curve, "images")
-    positive, negative, latent = prompt_nodes(g, ckpt, erase["pos"][0], below(erase))
-    sampler_x = right_of(erase)
-    original, decode_original = sampler(g, ckpt, positive, negative, latent, ckpt, (sampler_x, below(curve)), "original")
-    erased, decode_erased = sampler(g, erase, positive, negative, latent, ckpt, (sampler_x, below(original)), "erased")
-    stitch_x = right_of(decode_original)
-    stitch = g.node("ImageStitch", (stitch_x, original["pos"][1]), ["right", True, 16, "white"], title="Original | Erased")
-    g.link(decode_original, "IMAGE", stitch, "image1")
-    g.link(decode_erased, "IMAGE", stitch, "image2")
-    save_image = g.node("SaveImage", (stitch_x, below(stitch)), ["esd/compare"])
-    g.link(stitch, "IMAGE", save_image, "images")
+    curve = save_erasure(g, erase, "esd/van_gogh")
+    prompts = prompt_nodes(g, ckpt, erase["pos"][0], below(erase))
+    compare_samples(g, ckpt, erase, prompts, ckpt, (right_of(erase), below(curve)), SD_SAMPLING, "esd/compare")
     g.write("erase-and-compare.json", "Erase a concept (ESD), save the erasure to models/erasures, and sample the "
             "original and the erased model with the same seed, side by side.")
+
+
+def erase_flux():
+    """erase_and_compare for Flux.1-dev: its stock loaders, and options sized for a 24 GB card."""
+    g = Graph()
+    read_me = note(g, (20, 60), "Erase a style from Flux.1-dev.\n\n1. Put the files where the loaders look: "
+                   "flux1-dev.safetensors in models/diffusion_models, clip_l.safetensors and "
+                   "t5xxl_fp8_e4m3fn.safetensors in models/text_encoders, ae.safetensors in models/vae.\n2. Type the "
+                   "concept and run. esd-x trains the text stream's attention projections, Flux's counterpart of "
+                   "cross-attention. The erasure is saved as a LoRA to models/erasures.\n\nMemory: the settings aim at "
+                   "a 24 GB card: the model loaded in fp8 (the loader's weight_dtype), rank 8 and gradient "
+                   "checkpointing on the options node, 512 px on the training node. On a 16 GB card it may need "
+                   "ComfyUI started with --lowvram. These follow from arithmetic: nothing here has been run on a real "
+                   "Flux model yet.\n\nsample_guidance 3.5 on the options node is Flux.1-dev's guidance input while "
+                   "training, the value FluxGuidance gives the samplers.\n\nThe samplers draw at 1024 px, Flux.1-dev's "
+                   "usual size, though the erasure trains at 512 px: the comparison shows the images you would make "
+                   "with it (set 512 for quicker ones). Same seed: left the original, right the erased model. cfg 1 and "
+                   "a zeroed negative, as Flux.1-dev is guidance-distilled.\n\nFlux.1-schnell: pick its file and "
+                   "sample with 4 steps.", size=[360, 400])
+    loaders_x = right_of(read_me)
+    unet = g.node("UNETLoader", (loaders_x, 60), ["flux1-dev.safetensors", "fp8_e4m3fn"])
+    clip = g.node("DualCLIPLoader", (loaders_x, below(unet)),
+                  ["clip_l.safetensors", "t5xxl_fp8_e4m3fn.safetensors", "flux", "default"])
+    vae = g.node("VAELoader", (loaders_x, below(clip)), ["ae.safetensors"])
+    # rank 8, sample_guidance at Flux.1-dev's usual 3.5 and gradient checkpointing on; the other widgets at their defaults
+    options = g.node("ESDErasureOptions", (loaders_x, below(vae)), [
+        8, 50, FLUX_GUIDANCE, "trained", 1, 1.0, 1.0, 0.0, True, "fast", 8, 0, False, 10, 10, "all", 0.0,
+    ])
+    erase = train_erasure(g, unet, clip, (right_of(unet), 60), resolution=512, options=options)
+    curve = save_erasure(g, erase, "esd/flux_van_gogh")
+    prompts = flux_prompt_nodes(g, clip, erase["pos"][0], below(erase))
+    compare_samples(g, unet, erase, prompts, vae, (right_of(erase), below(curve)), FLUX_SAMPLING, "esd/flux_compare")
+    g.write("erase-flux.json", "Erase a style from Flux.1-dev (ESD, rank-8 LoRA, fp8 weights), save the erasure to "
+            "models/erasures, and sample the original and the erased model with the same seed, side by side.")
 
 
 def apply_delta():
@@ -213,5 +302,6 @@ def load_erased_unet():
 
 if __name__ == "__main__":
     erase_and_compare()
+    erase_flux()
     apply_delta()
     load_erased_unet()

@@ -115,6 +115,13 @@ SETTINGS = {  # a fresh user: no first-run templates dialog, no minimap over the
 }
 
 
+# Model folder of each loader, and how many of its first widgets name a file there.
+LOADER_FOLDERS = {
+    "CheckpointLoaderSimple": ("checkpoints", 1), "ESDApplyErasure": ("erasures", 1),
+    "UNETLoader": ("diffusion_models", 1), "DualCLIPLoader": ("text_encoders", 2), "VAELoader": ("vae", 1),
+}
+
+
 def placeholder_models(base: str, workflows: list[str]) -> None:
     """Empty files under the names the workflows pick, so their combos show a listed model."""
     for path in workflows:
@@ -122,16 +129,18 @@ def placeholder_models(base: str, workflows: list[str]) -> None:
             workflow = json.load(handle)
         for node in workflow["nodes"]:
             values = node.get("widgets_values") or []
-            folder = {"CheckpointLoaderSimple": "checkpoints", "ESDApplyErasure": "erasures"}.get(node["type"])
-            if folder and values:
-                name = values[0]
+            if node["type"] in LOADER_FOLDERS:
+                folder, count = LOADER_FOLDERS[node["type"]]
+                files = [(folder, name) for name in values[:count]]
             elif node["type"] == "ESDLoadErasedUNet" and values:
                 folder, _, name = values[0].partition("/")
+                files = [(folder, name)]
             else:
                 continue
-            target = os.path.join(base, "models", folder, name)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            open(target, "a").close()
+            for folder, name in files:
+                target = os.path.join(base, "models", folder, name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                open(target, "a").close()
 
 
 def shrink_png(path: str, limit: int) -> None:
