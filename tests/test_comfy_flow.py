@@ -52,8 +52,9 @@ def tiny_transformer(kind: str):
     )
 
 
-def comfy_model(kind: str, transformer):
-    """The transformer's weights in a ComfyUI MODEL of its kind, loaded as ComfyUI's loaders load one (inference mode)."""
+def comfy_model(kind: str, transformer, weight_dtype=torch.float32):
+    """The transformer's weights in a ComfyUI MODEL of its kind, loaded as ComfyUI's loaders load one (inference mode);
+    stored in ``weight_dtype`` and computed in fp32, as Load Diffusion Model's fp8 weight_dtype does."""
     import comfy.model_detection
     import comfy.model_patcher
     import comfy.supported_models
@@ -67,7 +68,7 @@ def comfy_model(kind: str, transformer):
         config = (comfy.supported_models.Flux if kind == "flux-dev" else comfy.supported_models.FluxSchnell)(unet_config)
     else:
         config = comfy.model_detection.model_config_from_unet(state, "")
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(weight_dtype, None if weight_dtype == torch.float32 else torch.float32)
     with torch.inference_mode():
         model = config.get_model(state, "")
         model.load_model_weights(state, "")
@@ -196,3 +197,19 @@ def test_an_erasure_trains_in_comfyui_and_the_stock_lora_loader_applies_it(env, 
     with applied_delta(transformer, load_for(transformer, path)):
         in_diffusers = reference.predict(x_t, 500.0, conds)
     assert torch.allclose(in_comfyui, in_diffusers, atol=1e-4, rtol=1e-4)
+
+
+def test_an_erasure_trains_on_fp8_weights(env):
+    """Flux with fp8 weights (the example workflow's setup for 24 GB cards): the layers compute in a wider dtype from
+    casts of the fp8 weights, the delta rides on those, and the stored fp8 weights are never written."""
+    model = comfy_model("flux-dev", tiny_transformer("flux-dev"), torch.float8_e4m3fn)
+    before = comfy_weights(model)
+    assert before["double_blocks.0.txt_attn.qkv.weight"].dtype == torch.float8_e4m3fn
+    with torch.inference_mode():
+        _, erasure, _ = env["node"]["ESDTrainErasure"].execute(
+            model=model, clip=StandInClip(POOLED_WIDTH["flux-dev"]), concept="red", method="esd-x", iterations=2,
+            learning_rate=1e-2, negative_guidance=1.0, seed=1, resolution=64, options={"sample_steps": 4},
+        ).args
+    assert all(erasure.full(n).abs().max() > 0 for n in erasure.deltas if "add_q_proj" not in n)
+    after = comfy_weights(model)
+    assert all(torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8)) for k in before)  # bit for bit, fp8 too
