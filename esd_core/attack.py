@@ -18,6 +18,13 @@ from .erasure_file import write_atomically
 from .host import ErasureHost
 from .sampling import guided_trajectory
 
+def check_attackable(pipeline) -> None:
+    """Refuse a pipeline the attack cannot run on: it learns its token through a Stable Diffusion UNet's host."""
+    if getattr(pipeline, "unet", None) is None:
+        raise ValueError("The learned-token attack runs on Stable Diffusion UNets (SD1.x, SD2.x, SDXL, the sd tiny world) for "
+                         "now, not on flow-matching transformers (Flux.1, SD3.x, the flow tiny world).")
+
+
 TOKEN = "<erased-concept>"  # the new word; a template marks its place with "{}"
 # Prompts a concept of a real model appears in, for a model without its own (the tiny world has them).
 GENERIC_TEMPLATES = ("{}", "a picture of {}", "a painting of {}", "a photo of {}", "an image in the style of {}")

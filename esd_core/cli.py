@@ -21,7 +21,7 @@ from .methods import TRAIN_METHODS, resolve_method
 from .options import BY_NAME, COMMAND_LINE, DTYPES, OPTIONS, SAVE_NODE, Option, shown_on
 from .output_paths import check_new_folder, check_output_file, check_output_folder
 from .presets import TINY_WORLD, TINY_WORLD_BY_METHOD, TINY_WORLD_NOTES, default_method, defaults_for, is_tiny_world, tiny_world_method
-from .tinyworld.world import DEFAULT_MODEL_DIR
+from .tinyworld.world import DEFAULT_MODEL_DIR, TINY_WORLDS
 
 
 def tiny_world_default(name: str) -> str:
@@ -98,6 +98,8 @@ def add_option(parser: argparse.ArgumentParser, option: Option, **overrides) -> 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="diffusers model folder, or a single-file .safetensors/.ckpt checkpoint (default: the shipped tiny world)")
+    parser.add_argument("--world", choices=tuple(TINY_WORLDS), help="instead of --model, a shipped tiny world: sd (a Stable Diffusion "
+                        "UNet; the default) or flow (an SD3-architecture transformer trained with flow matching)")
     parser.add_argument("--config", help="for a single-file checkpoint: a diffusers folder of the same family (needed offline)")
     for option in OPTIONS:
         if option.shown_on == COMMAND_LINE:
@@ -362,11 +364,13 @@ def run_attack(args) -> None:
 def attack_model(args, settings: InversionSettings, grid_path: str) -> list[torch.Tensor]:
     """The attack on a model without a judge: the learned token's vectors, and its images in a grid."""
     from .apply import load_for
+    from .attack import check_attackable
     from .attack_images import attack_images
     from .diffusers_host import DiffusersHost, load_pipeline
 
     device = pick_device(args.device)
     pipeline = load_pipeline(model_path(args), args.config, pick_dtype(args.dtype, device))
+    check_attackable(pipeline)
     erasure = load_for(pipeline.unet, args.delta)
     host = DiffusersHost(pipeline, device, args.resolution or None)
     pipeline.set_progress_bar_config(disable=True)
@@ -429,6 +433,10 @@ COMMANDS = {
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "world", None):
+            if args.model:
+                raise ValueError("Give --model or --world, not both.")
+            args.model = str(TINY_WORLDS[args.world])
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was written", file=sys.stderr)

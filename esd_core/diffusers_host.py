@@ -313,7 +313,9 @@ def load_pipeline(path: str, config: str | None = None, dtype: torch.dtype = tor
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             raise ValueError(f"{path!r} is a folder without model_index.json, so not a diffusers pipeline folder.")
         try:
-            kwargs = {"safety_checker": None, "requires_safety_checker": False} if _pipeline_class(path) is StableDiffusionPipeline else {}
+            kwargs = {name: None for name in _absent_components(path)}  # e.g. an SD3 saved without its T5 encoder
+            if _pipeline_class(path) is StableDiffusionPipeline:
+                kwargs.update(safety_checker=None, requires_safety_checker=False)
             return DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
         except Exception as error:
             raise ValueError(f"Could not load the model folder {path!r} (a damaged or missing file in it?): {error}") from error
@@ -330,10 +332,20 @@ def load_pipeline(path: str, config: str | None = None, dtype: torch.dtype = tor
         raise ValueError(f"Could not load the checkpoint {path!r}: {error}.{hint}") from error
 
 
+def _model_index(folder: str) -> dict:
+    with open(os.path.join(folder, "model_index.json")) as handle:
+        return json.load(handle)
+
+
+def _absent_components(folder: str) -> list[str]:
+    """The components a folder's model_index.json marks as saved without (``[null, null]``), which diffusers only
+    loads as absent when told so."""
+    return [name for name, value in _model_index(folder).items() if value == [None, None]]
+
+
 def _pipeline_class(folder: str):
     """The pipeline class a diffusers folder's model_index.json names (SD, SDXL, Flux or SD3), SD for any other."""
-    with open(os.path.join(folder, "model_index.json")) as handle:
-        name = json.load(handle).get("_class_name", "")
+    name = _model_index(folder).get("_class_name", "")
     known = {"StableDiffusionXLPipeline": StableDiffusionXLPipeline, "FluxPipeline": FluxPipeline,
              "StableDiffusion3Pipeline": StableDiffusion3Pipeline}
     return known.get(name, StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline)

@@ -12,7 +12,7 @@ import os
 
 from .config import parse_concepts
 from .options import defaults
-from .tinyworld.world import COLOURS, DEFAULT_MODEL_DIR, SHAPES, SYNONYMS, kind_of
+from .tinyworld.world import COLOURS, SHAPES, SYNONYMS, TINY_WORLDS, kind_of
 
 PAPER = defaults()  # the paper's settings, with rank-8 esd-u and gradient checkpointing (esd_core/options.py)
 # batch_size 8: with one example per update, Adam's noise alone degraded the other shapes (measured, circle
@@ -46,7 +46,8 @@ TINY_WORLD_NOTES = {
 
 
 def is_tiny_world(model: str | None) -> bool:
-    return model is None or os.path.realpath(model) == os.path.realpath(DEFAULT_MODEL_DIR)
+    """Whether ``model`` is one of the shipped tiny worlds (None: the default, the SD world)."""
+    return model is None or os.path.realpath(model) in {os.path.realpath(folder) for folder in TINY_WORLDS.values()}
 
 
 def tiny_world_method(concept: str) -> str:

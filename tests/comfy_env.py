@@ -235,6 +235,14 @@ def load_tiny_model():
     return model, clip
 
 
+def with_erasures_as_loras(env: dict) -> dict:
+    """``env`` with its models/erasures folder (``env["erasures"]``) also listed as a LoRA folder, so the stock LoRA
+    loader reads the erasure files written there."""
+    env["erasures"] = os.path.join(env["base"], "models", "erasures")
+    env["folder_paths"].add_model_folder_path("loras", env["erasures"])
+    return env
+
+
 def install_checkpoint(base: str) -> str:
     """Link (or copy) the tiny checkpoint into <base>/models/checkpoints; return its file name there."""
     source = tiny_checkpoint()

@@ -28,10 +28,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def env():
-    env = comfy_env.in_process_comfy()
-    env["erasures"] = os.path.join(env["base"], "models", "erasures")
-    env["folder_paths"].add_model_folder_path("loras", env["erasures"])  # the stock LoRA loader reads models/erasures
-    return env
+    return comfy_env.with_erasures_as_loras(comfy_env.in_process_comfy())
 
 
 def tiny_transformer(kind: str):

@@ -25,11 +25,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def env():
-    env = comfy_env.in_process_comfy()
+    env = comfy_env.with_erasures_as_loras(comfy_env.in_process_comfy())
     env["ckpt_name"] = comfy_env.install_checkpoint(env["base"])
-    env["erasures"] = os.path.join(env["base"], "models", "erasures")
-    # the stock LoRA loader reads our delta files straight from models/erasures
-    env["folder_paths"].add_model_folder_path("loras", env["erasures"])
     return env
 
 

@@ -11,7 +11,7 @@ from esd_core.config import EraseConfig
 from esd_core.options import BY_NAME, COMMAND_LINE, CONFIG_OPTIONS, OPTIONS
 
 # Arguments of the commands that are not erase settings: paths and what to do with them.
-COMMAND_ARGUMENTS = {"--help", "--model", "--config", "--out", "--overwrite", "--n", "--out-dir"}
+COMMAND_ARGUMENTS = {"--help", "--model", "--world", "--config", "--out", "--overwrite", "--n", "--out-dir"}
 
 
 def flags_of(command: str) -> dict[str, argparse.Action]:

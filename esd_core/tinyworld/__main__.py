@@ -2,6 +2,7 @@
 
   python -m esd_core.tinyworld train            retrain everything into the shipped assets (~1 h)
   python -m esd_core.tinyworld train --smoke    a few-minute run of every stage, into /tmp
+  python -m esd_core.tinyworld train-flow       retrain the flow world's SD3-architecture pipeline (~40 min)
   python -m esd_core.tinyworld quality          print the base model's per-concept table
 """
 import os
@@ -13,7 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import world
@@ -35,12 +36,19 @@ def main(argv=None):
     train.add_argument("--judge-steps", type=int, help="judge steps (default 1500)")
     train.add_argument("--quality-n", type=int, default=32,
                        help="images per concept and naming for the final quality table (0: skip)")
+    train_flow = commands.add_parser("train-flow", help="retrain the flow world (SD3 architecture) on the SD world's VAE")
+    train_flow.add_argument("--out", type=Path, default=world.DEFAULT_FLOW_MODEL_DIR, help="pipeline directory (default: shipped)")
+    train_flow.add_argument("--steps", type=int, help="transformer + text encoder steps (default 5000)")
+    train_flow.add_argument("--quality-n", type=int, default=32,
+                            help="images per concept and naming for the final quality table (0: skip)")
     quality = commands.add_parser("quality", help="per-concept accuracy of a pipeline, by the judge")
     quality.add_argument("--model", type=Path, default=None, help="pipeline directory (default: shipped)")
     quality.add_argument("-n", type=int, default=64, help="images per concept and naming")
     args = parser.parse_args(argv)
     if args.command == "train":
         run_train(args)
+    elif args.command == "train-flow":
+        run_train_flow(args)
     else:
         from .evaluate import base_quality, format_quality
         print(format_quality(base_quality(args.model, n=args.n)))
@@ -72,6 +80,25 @@ def run_train(args):
     print(f"judge accuracy on fresh images: {report['judge_accuracy_fresh']}")
     print(f"stage seconds: {report['seconds']}; pipeline + judge: {report['shipped_bytes'] / 1e6:.1f} MB")
     print(f"report written to {report_path}")
+
+
+def run_train_flow(args):
+    """Train the flow world, measure it, and write its report into the pipeline folder."""
+    from .evaluate import base_quality, format_quality
+    from .train_flow import FlowTrainConfig, train_flow_world
+    cfg = FlowTrainConfig() if args.steps is None else FlowTrainConfig(steps=args.steps)
+    start = time.time()
+    report = {"config": asdict(cfg), "seconds": train_flow_world(args.out, cfg=cfg)}
+    if args.quality_n:
+        quality_start = time.time()
+        report["base_quality"] = base_quality(args.out, n=args.quality_n)
+        report["seconds"]["quality_table"] = round(time.time() - quality_start, 1)
+        print(format_quality(report["base_quality"]))
+    report["seconds"]["total"] = round(time.time() - start, 1)
+    report["shipped_bytes"] = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    report_path = Path(args.out) / "train_report.json"
+    report_path.write_text(json.dumps(report, indent=1))
+    print(f"stage seconds: {report['seconds']}; pipeline: {report['shipped_bytes'] / 1e6:.1f} MB; report: {report_path}")
 
 
 if __name__ == "__main__":

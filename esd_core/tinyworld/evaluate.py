@@ -13,8 +13,8 @@ Every group also reports the share of images showing any erased concept (an eras
 the concept into prompts that do not ask for it) and the share drawn striped (no prompt names a
 texture, so it should stay too).
 Image i of every group uses seed + i, before and after alike, so the grid shows the same noise.
-Sampling: DDIM, 25 steps, classifier-free guidance 5.0 (strong enough for a 2-layer text encoder
-to steer reliably, low enough not to saturate colours).
+Sampling: 25 steps (DDIM for the SD world, Euler on its own sigmas for the flow world), classifier-free guidance 5.0
+(strong enough for a 2-layer text encoder to steer reliably, low enough not to saturate colours).
 """
 import copy
 import math
@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from PIL import Image, ImageDraw
 
 from esd_core import threads
-from esd_core.apply import applied_delta, load_for
+from esd_core.apply import applied_delta, denoiser_of, load_for
 from esd_core.options import MAX_SEED
 from esd_core.diffusers_host import load_pipeline as load_diffusers_pipeline
+from esd_core.flow_host import prompt_length
 
 from . import judge as judge_lib
 from . import world
@@ -40,11 +41,18 @@ BATCH_SIZE = 64
 
 
 def load_pipeline(model_dir=None):
-    """The world's StableDiffusionPipeline (the shipped one for None) with a DDIM scheduler."""
+    """A world's pipeline (the shipped SD world for None) with its sampling scheduler (``sampling_scheduler``)."""
     pipe = load_diffusers_pipeline(str(model_dir or world.DEFAULT_MODEL_DIR))
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = sampling_scheduler(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sampling_scheduler(pipe):
+    """A fresh scheduler for one sampling call: the flow world's own Euler, DDIM for the SD world."""
+    if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    return DDIMScheduler.from_config(pipe.scheduler.config)
 
 
 @torch.no_grad()
@@ -73,17 +81,20 @@ def _images(pipe, rows: slice, prompts, seeds, stop: threading.Event) -> torch.T
 
     generators = [torch.Generator().manual_seed(s) for s in seeds[rows]]
     prompt = {"prompt_embeds": prompts[rows]} if torch.is_tensor(prompts) else {"prompt": list(prompts[rows])}
+    if isinstance(pipe, StableDiffusion3Pipeline):  # its prompt length, as the erasure host encodes prompts
+        prompt["max_sequence_length"] = prompt_length(pipe)
     images = pipe(**prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE_SCALE,
                   generator=generators, output_type="np", callback_on_step_end=stop_if_asked).images
     return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
 def _twin(pipe):
-    """A pipeline sharing ``pipe``'s models (so also a delta applied to its UNet) with a scheduler and a tokenizer of
-    its own, since a sampling call changes its scheduler's state and sets its fast tokenizer's padding mode."""
-    components = {**pipe.components, "scheduler": DDIMScheduler.from_config(pipe.scheduler.config),
-                  "tokenizer": copy.deepcopy(pipe.tokenizer)}
-    twin = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    """A pipeline sharing ``pipe``'s models (so also a delta applied to its denoiser) with a scheduler and tokenizers
+    of its own, since a sampling call changes its scheduler's state and sets its fast tokenizers' padding mode."""
+    tokenizers = {name: copy.deepcopy(part) for name, part in pipe.components.items() if name.startswith("tokenizer") and part}
+    components = {**pipe.components, **tokenizers, "scheduler": sampling_scheduler(pipe)}
+    extra = {} if isinstance(pipe, StableDiffusion3Pipeline) else {"requires_safety_checker": False}
+    twin = type(pipe)(**components, **extra)
     twin.set_progress_bar_config(disable=True)
     return twin
 
@@ -228,12 +239,12 @@ def evaluate(model_dir, concepts, delta_path=None, n=64, seed=0, grid_path=None,
     if not 0 <= seed <= MAX_SEED - (n - 1):
         raise ValueError(f"seed must be from 0 to {MAX_SEED - (n - 1)} (image i takes seed + i, at most 2**64 - 1), got {seed}.")
     pipe, judge = load_pipeline(model_dir), judge_lib.load_judge()
-    delta = None if delta_path is None else load_for(pipe.unet, delta_path)  # refuses a misfit before any image is drawn
+    delta = None if delta_path is None else load_for(denoiser_of(pipe), delta_path)  # refuses a misfit before any image is drawn
     groups = prompt_groups(erased)
     before, images_before = run_groups(pipe, judge, groups, n, seed, erased)
     after, images_after = [None] * len(groups), None
     if delta is not None:
-        with applied_delta(pipe.unet, delta, strength=strength):
+        with applied_delta(denoiser_of(pipe), delta, strength=strength):
             after, images_after = run_groups(pipe, judge, groups, n, seed, erased)
     result = {
         "model_dir": str(model_dir or world.DEFAULT_MODEL_DIR), "concept": ", ".join(erased), "concepts": erased,

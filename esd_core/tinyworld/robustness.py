@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esd_core.apply import applied_delta, load_for
-from esd_core.attack import InversionSettings, TOKEN, concept_latents, encode_templates, invert_token, random_vectors
+from esd_core.attack import InversionSettings, TOKEN, check_attackable, concept_latents, encode_templates, invert_token, random_vectors
 from esd_core.diffusers_host import DiffusersHost
 
 from . import judge as judge_lib
@@ -43,6 +43,7 @@ def attack_erasure(model_dir, concept: str, delta_path: str, settings: Inversion
     at these steps (the success curve)."""
     concept = world.canonical(concept)
     pipe, judge = load_pipeline(model_dir), judge_lib.load_judge()
+    check_attackable(pipe)
     erasure = load_for(pipe.unet, delta_path)  # refuses a misfit before anything runs
     host = DiffusersHost(pipe)
     generator = torch.Generator().manual_seed(seed)

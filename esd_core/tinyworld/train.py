@@ -160,39 +160,38 @@ class EMA:
             p.copy_(s)
 
 
-def train_diffusion(latents, attrs, tokenizer, cfg, log):
-    """Train text encoder and UNet jointly to predict the noise, with caption dropout for CFG.
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the training loop of both worlds takes from a run's config."""
+    seed: int
+    steps: int
+    batch: int
+    lr: float
+    warmup_steps: int
+    caption_dropout: float
+    ema_decay: float
 
-    Loss weighting is min-SNR (gamma 5), which spends the small budget on the noisy timesteps
-    where the shape and colour of the image are decided.
-    """
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    text_encoder, unet = build_text_encoder(tokenizer), build_unet()
-    noise_scheduler = DDPMScheduler(**SCHEDULE)
-    alphas_cumprod = noise_scheduler.alphas_cumprod
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    loss_weight = snr.clamp(max=cfg.min_snr_gamma) / snr
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.unet_steps))
-    ema = EMA([unet, text_encoder], cfg.ema_decay)
-    unet.train()
-    text_encoder.train()
+
+def train_on_captions(modules, latents, attrs, settings: LoopSettings, batch_loss, log, label):
+    """The training loop both worlds share: each step a batch of cached latents and their captions (dropped to ""
+    at ``caption_dropout``, for classifier-free guidance), ``batch_loss(x0, captions, generator)`` the denoiser's
+    loss on them; AdamW with weight decay, linear warm-up then cosine, gradients clipped at 1, and an EMA of the
+    weights, which the modules take at the end. Random draws come from generators seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    params = [p for module in modules for p in module.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.warmup_steps, settings.steps))
+    ema = EMA(modules, settings.ema_decay)
+    for module in modules:
+        module.train()
     start, running = time.time(), 0.0
-    for step in range(cfg.unet_steps):
-        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=generator)
-        captions = ["" if rng.random() < cfg.caption_dropout else
+    for step in range(settings.steps):
+        idx = torch.randint(0, len(latents), (settings.batch,), generator=generator)
+        captions = ["" if rng.random() < settings.caption_dropout else
                     world.caption(attrs[i]["shape"], attrs[i]["colour"], attrs[i]["texture"], rng)
                     for i in idx.tolist()]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
-        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, text_encoder(ids)[0]).sample
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * loss_weight[t]).mean()
+        loss = batch_loss(latents[idx], captions, generator)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -200,10 +199,38 @@ def train_diffusion(latents, attrs, tokenizer, cfg, log):
         schedule.step()
         ema.update()
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        if step % 100 == 0 or step == cfg.unet_steps - 1:
-            log(f"unet step {step}/{cfg.unet_steps} loss {running:.4f} ({time.time() - start:.0f} s)")
+        if step % 100 == 0 or step == settings.steps - 1:
+            log(f"{label} step {step}/{settings.steps} loss {running:.4f} ({time.time() - start:.0f} s)")
     ema.copy_to_params()
-    return text_encoder.eval(), unet.eval()
+    for module in modules:
+        module.eval()
+
+
+def train_diffusion(latents, attrs, tokenizer, cfg, log):
+    """Train text encoder and UNet jointly to predict the noise, with caption dropout for CFG.
+
+    Loss weighting is min-SNR (gamma 5), which spends the small budget on the noisy timesteps
+    where the shape and colour of the image are decided.
+    """
+    torch.manual_seed(cfg.seed)
+    text_encoder, unet = build_text_encoder(tokenizer), build_unet()
+    noise_scheduler = DDPMScheduler(**SCHEDULE)
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    loss_weight = snr.clamp(max=cfg.min_snr_gamma) / snr
+
+    def batch_loss(x0, captions, generator):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, text_encoder(ids)[0]).sample
+        return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * loss_weight[t]).mean()
+
+    settings = LoopSettings(cfg.seed, cfg.unet_steps, cfg.unet_batch, cfg.unet_lr, cfg.warmup_steps, cfg.caption_dropout,
+                            cfg.ema_decay)
+    train_on_captions([unet, text_encoder], latents, attrs, settings, batch_loss, log, "unet")
+    return text_encoder, unet
 
 
 def save_pipeline(out_dir, vae, text_encoder, tokenizer, unet):

@@ -27,6 +27,8 @@ FILLER_WORDS = ["a", "shape"]
 VOCABULARY = FILLER_WORDS + TEXTURES + SHAPES + COLOURS + list(SYNONYMS.values())
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "pipeline"
+DEFAULT_FLOW_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "flow-pipeline"
+TINY_WORLDS = {"sd": DEFAULT_MODEL_DIR, "flow": DEFAULT_FLOW_MODEL_DIR}
 DEFAULT_JUDGE_PATH = Path(__file__).resolve().parent / "assets" / "judge.safetensors"
 
 RGB = {
