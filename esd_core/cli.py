@@ -98,6 +98,10 @@ def add_option(parser: argparse.ArgumentParser, option: Option, **overrides) -> 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="diffusers model folder, or a single-file .safetensors/.ckpt checkpoint (default: the shipped tiny world)")
+    _add_world_argument(parser)
+
+
+def _add_world_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world", choices=tuple(TINY_WORLDS), help="instead of --model, a shipped tiny world: sd (a Stable Diffusion "
                         "UNet; the default) or flow (an SD3-architecture transformer trained with flow matching)")
     parser.add_argument("--config", help="for a single-file checkpoint: a diffusers folder of the same family (needed offline)")
@@ -161,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="tiny world: measure an erasure (rates before/after, intervals, grid)")
     evaluate.add_argument("--model", help="a tiny-world pipeline folder (default: the shipped one)")
+    _add_world_argument(evaluate)
     evaluate.add_argument("--delta", help="the erasure to measure, a delta or a LoRA (without it: the base model only)")
     evaluate.add_argument("--concept", required=True, help="the erased shapes or colours, e.g. circle, or 'circle, star' for "
                           "an erasure of several (each group then counts the images showing any of them)")

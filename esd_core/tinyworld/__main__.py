@@ -2,7 +2,7 @@
 
   python -m esd_core.tinyworld train            retrain everything into the shipped assets (~1 h)
   python -m esd_core.tinyworld train --smoke    a few-minute run of every stage, into /tmp
-  python -m esd_core.tinyworld train-flow       retrain the flow world's SD3-architecture pipeline (~40 min)
+  python -m esd_core.tinyworld train-flow       retrain the flow world's SD3-architecture pipeline (~1 h)
   python -m esd_core.tinyworld quality          print the base model's per-concept table
 """
 import os
@@ -38,7 +38,7 @@ def main(argv=None):
                        help="images per concept and naming for the final quality table (0: skip)")
     train_flow = commands.add_parser("train-flow", help="retrain the flow world (SD3 architecture) on the SD world's VAE")
     train_flow.add_argument("--out", type=Path, default=world.DEFAULT_FLOW_MODEL_DIR, help="pipeline directory (default: shipped)")
-    train_flow.add_argument("--steps", type=int, help="transformer + text encoder steps (default 5000)")
+    train_flow.add_argument("--steps", type=int, help="transformer + text encoder steps (default 8000)")
     train_flow.add_argument("--quality-n", type=int, default=32,
                             help="images per concept and naming for the final quality table (0: skip)")
     quality = commands.add_parser("quality", help="per-concept accuracy of a pipeline, by the judge")

@@ -31,7 +31,7 @@ class FlowTrainConfig:
     """Every knob of the flow world's training run; the defaults are the shipped run."""
     seed: int = 0
     n_images: int = 24000
-    steps: int = 5000
+    steps: int = 8000
     batch: int = 32
     lr: float = 1e-3
     warmup_steps: int = 150
