@@ -28,8 +28,7 @@ def prompt_length(pipeline: DiffusionPipeline) -> int:
     tokenizer's: without a T5 encoder (the tiny flow world) SD3 puts zeros in its place, as long as the CLIP prompt."""
     transformer = pipeline.transformer
     distilled = isinstance(transformer, FluxTransformer2DModel) and transformer.config.guidance_embeds
-    last_tokenizer = pipeline.tokenizer_3 if getattr(pipeline, "tokenizer_3", None) is not None else \
-        getattr(pipeline, "tokenizer_2")
+    last_tokenizer = pipeline.tokenizer_3 if getattr(pipeline, "tokenizer_3", None) is not None else pipeline.tokenizer_2
     return min(512 if distilled else 256, last_tokenizer.model_max_length)
 
 

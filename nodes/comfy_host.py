@@ -325,8 +325,10 @@ class ComfyErasureHost(ErasureHost):
     def _load(self, free_others: bool = False) -> None:
         """Register the wrappers (and the memory patches) once, then have ComfyUI load the clone (a fresh load, so
         they take effect), fully; with ``free_others`` every other loaded model is unloaded first."""
-        if not self._wrapped:
-            for name, pieces in self._pieces_by_tensor().items():
+        first_load = not self._wrapped
+        if first_load:
+            pieces_by_tensor = self._pieces_by_tensor()
+            for name, pieces in pieces_by_tensor.items():
                 self.patcher.add_weight_wrapper(PREFIX + name, _Wrapper(self, pieces))
             for name, parameter in self.patcher.model.named_parameters():
                 if parameter.requires_grad:
@@ -341,14 +343,13 @@ class ComfyErasureHost(ErasureHost):
         memory_required = FREE_EVERY_OTHER_MODEL if free_others else 0
         comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
         self._others_freed = self._others_freed or free_others
-        if not self._replaced:
-            self._copy_unwrapped_tensors()
+        if first_load:
+            self._copy_unwrapped_tensors(set(pieces_by_tensor))
 
-    def _copy_unwrapped_tensors(self) -> None:
-        """Replace the loaded inference tensors that no wrapper hands over as a copy (a Flux norm's ``scale``, SD3's
-        position table) with ordinary copies for the training, since autograd cannot save inference tensors;
-        ``release()`` puts the loaded ones back."""
-        wrapped = set(self._pieces_by_tensor())
+    def _copy_unwrapped_tensors(self, wrapped: set[str]) -> None:
+        """Replace the loaded inference tensors that no wrapper (``wrapped``: the tensors with one) hands over as a
+        copy (a Flux norm's ``scale``, SD3's position table) with ordinary copies for the training, since autograd
+        cannot save inference tensors; ``release()`` puts the loaded ones back."""
         for module_name, module in self.patcher.model.diffusion_model.named_modules():
             for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                 if tensor.is_inference() and f"{module_name}.{name}".lstrip(".") not in wrapped:
